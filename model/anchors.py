@@ -1,0 +1,102 @@
+"""Anchors and the box coder, as in the official `tf2/anchors.py` and `object_detection/faster_rcnn_box_coder.py`.
+
+Coordinates are **(ymin, xmin, ymax, xmax)** (yxyx) in network-input pixels throughout, and box deltas are
+**(ty, tx, th, tw)**, the official order, with no variance scaling.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .config import EfficientDetConfig
+
+BOX_CODER_EPS = 1e-8  # official EPSILON, added to sizes before dividing / taking logs when encoding
+
+
+def feature_sizes(image_size: tuple[int, int], min_level: int, max_level: int) -> list[tuple[int, int]]:
+    """(H_l, W_l) for each level, official `get_feat_sizes`: repeated `(s - 1) // 2 + 1`."""
+    h, w = image_size
+    sizes = []
+    for level in range(max_level + 1):
+        if level >= min_level:
+            sizes.append((h, w))
+        h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+    return sizes
+
+
+class AnchorGenerator:
+    """All anchors of an image size, `[sum_l H_l * W_l * A, 4]` yxyx, flattened level -> y -> x -> anchor.
+
+    Anchor `a = scale_idx * len(aspect_ratios) + ratio_idx`; base size `anchor_scale * stride * 2^(scale_idx /
+    num_scales)`; aspect ratio r = w / h gives width `base * sqrt(r)` and height `base / sqrt(r)` (exact
+    square roots, not the rounded (1.4, 0.7) tuples of older configs); centres at `stride / 2 + i * stride`.
+    Computed in float64 like the official numpy code, returned as float32, cached per size and device.
+    """
+
+    def __init__(self, min_level: int, max_level: int, num_scales: int, aspect_ratios: tuple[float, ...],
+                 anchor_scale: float):
+        self.min_level, self.max_level = min_level, max_level
+        self.num_scales, self.aspect_ratios, self.anchor_scale = num_scales, tuple(aspect_ratios), anchor_scale
+        self._cache: dict = {}
+
+    @classmethod
+    def from_config(cls, config: EfficientDetConfig) -> "AnchorGenerator":
+        return cls(config.min_level, config.max_level, config.num_scales, config.aspect_ratios,
+                   config.anchor_scale)
+
+    @property
+    def num_anchors(self) -> int:
+        return self.num_scales * len(self.aspect_ratios)
+
+    def __call__(self, image_size: tuple[int, int], device: torch.device | str = "cpu") -> torch.Tensor:
+        key = (tuple(image_size), str(device))
+        if key not in self._cache:
+            self._cache[key] = self._generate(tuple(image_size)).to(device=device, dtype=torch.float32)
+        return self._cache[key]
+
+    def _generate(self, image_size: tuple[int, int]) -> torch.Tensor:
+        per_level = []
+        for h_l, w_l in feature_sizes(image_size, self.min_level, self.max_level):
+            stride_y, stride_x = image_size[0] / h_l, image_size[1] / w_l
+            half_sizes = []  # [A, 2] half height, half width
+            for scale_idx in range(self.num_scales):
+                octave = 2 ** (scale_idx / self.num_scales)
+                for ratio in self.aspect_ratios:
+                    rx = math.sqrt(ratio)
+                    half_sizes.append((self.anchor_scale * stride_y * octave / rx / 2,
+                                       self.anchor_scale * stride_x * octave * rx / 2))
+            half = torch.tensor(half_sizes, dtype=torch.float64)
+            cy = stride_y / 2 + torch.arange(h_l, dtype=torch.float64) * stride_y
+            cx = stride_x / 2 + torch.arange(w_l, dtype=torch.float64) * stride_x
+            centres = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).reshape(-1, 1, 2)  # [HW, 1, 2]
+            boxes = torch.cat([centres - half, centres + half], -1)  # [HW, A, 4] yxyx
+            per_level.append(boxes.reshape(-1, 4))
+        return torch.cat(per_level)
+
+
+class BoxCoder:
+    """Faster R-CNN box coder without scale factors: deltas (ty, tx, th, tw) relative to yxyx anchors."""
+
+    @staticmethod
+    def _centers_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        ymin, xmin, ymax, xmax = boxes.unbind(-1)
+        return (ymin + ymax) / 2, (xmin + xmax) / 2, ymax - ymin, xmax - xmin
+
+    def encode(self, boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Boxes `[..., 4]` yxyx and anchors `[..., 4]` yxyx -> deltas `[..., 4]` (ty, tx, th, tw)."""
+        yc, xc, h, w = self._centers_sizes(boxes)
+        yca, xca, ha, wa = self._centers_sizes(anchors)
+        ha, wa, h, w = ha + BOX_CODER_EPS, wa + BOX_CODER_EPS, h + BOX_CODER_EPS, w + BOX_CODER_EPS
+        return torch.stack([(yc - yca) / ha, (xc - xca) / wa, torch.log(h / ha), torch.log(w / wa)], -1)
+
+    def decode(self, deltas: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        """Deltas `[..., 4]` (ty, tx, th, tw) and anchors `[..., 4]` yxyx -> boxes `[..., 4]` yxyx.
+
+        Official `decode_box_outputs`: yc = ty * ha + yca, h = exp(th) * ha; no clamping of th/tw.
+        """
+        yca, xca, ha, wa = self._centers_sizes(anchors)
+        ty, tx, th, tw = deltas.unbind(-1)
+        yc, xc = ty * ha + yca, tx * wa + xca
+        half_h, half_w = torch.exp(th) * ha / 2, torch.exp(tw) * wa / 2
+        return torch.stack([yc - half_h, xc - half_w, yc + half_h, xc + half_w], -1)

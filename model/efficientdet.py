@@ -1,0 +1,60 @@
+"""EfficientDet: EfficientNet backbone + BiFPN + class/box heads, and its factory `build_model`."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .bifpn import BiFPN
+from .config import EfficientDetConfig, get_config
+from .efficientnet import EfficientNet
+from .head import HeadNet
+
+CLASS_PRIOR_PROBABILITY = 0.01
+
+
+def check_image_size(height: int, width: int, divisor: int, name: str = "model") -> None:
+    """Raise a ValueError unless both sides are positive multiples of `divisor` (2^max_level)."""
+    if height > 0 and width > 0 and height % divisor == 0 and width % divisor == 0:
+        return
+
+    def nearest(n: int) -> str:
+        lower = n // divisor * divisor
+        return " or ".join(str(v) for v in (lower, lower + divisor) if v > 0)
+
+    raise ValueError(
+        f"{name}: input size {height}x{width} is not supported: height and width must be multiples of "
+        f"{divisor} (2^max_level); nearest valid height {nearest(height)}, width {nearest(width)}")
+
+
+class EfficientDet(nn.Module):
+    """`forward(images [N, 3, H, W], normalized) -> (cls_outs, box_outs)`, lists over levels P_min..P_max.
+
+    `cls_outs[i]`: `[N, A * num_classes, H_i, W_i]` logits, channel `a * num_classes + c`.
+    `box_outs[i]`: `[N, A * 4, H_i, W_i]`, channel `a * 4 + k`, k in (ty, tx, th, tw).
+    A = num_scales * len(aspect_ratios), anchor index `scale_idx * len(aspect_ratios) + ratio_idx`.
+    This is the official channel layout, so ported TF weights need no re-ordering.
+    """
+
+    def __init__(self, config: EfficientDetConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = EfficientNet(config.backbone)
+        self.fpn = BiFPN(config, self.backbone.out_channels)
+        head_args = (config.fpn_num_filters, config.num_levels, config.box_class_repeats, config.num_anchors)
+        self.class_net = HeadNet(*head_args, config.num_classes, prior_probability=CLASS_PRIOR_PROBABILITY)
+        self.box_net = HeadNet(*head_args, 4)
+
+    def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")
+        check_image_size(images.shape[2], images.shape[3], self.config.size_divisor, self.config.name)
+        features = self.fpn(self.backbone(images))
+        return self.class_net(features), self.box_net(features)
+
+
+def build_model(name: str, num_classes: int = 90, **overrides) -> EfficientDet:
+    """Build variant `name` ("efficientdet-d0" ... "efficientdet-d7x") with freshly initialised weights.
+
+    `overrides` replace fields of the variant's `EfficientDetConfig` (e.g. `image_size=640`).
+    """
+    return EfficientDet(get_config(name, num_classes=num_classes, **overrides))

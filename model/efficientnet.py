@@ -1,0 +1,117 @@
+"""EfficientNet B0-B7 feature extractor, as built by the official `backbone/efficientnet_model.py`.
+
+Only the stem and the MBConv blocks exist: EfficientDet never uses the 1x1 head conv or the classifier,
+and the official parameter counts do not include them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import EFFICIENTNET_BLOCKS, EfficientNetConfig
+from .layers import Conv2dSame, batch_norm, drop_connect, init_efficientnet_conv_
+
+
+class SqueezeExcite(nn.Module):
+    """Spatial mean -> 1x1 (+bias) -> swish -> 1x1 (+bias) -> sigmoid gate. `[N, C, H, W]` in and out."""
+
+    def __init__(self, channels: int, reduced_channels: int):
+        super().__init__()
+        self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1)
+        self.conv_expand = nn.Conv2d(reduced_channels, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = x.mean((2, 3), keepdim=True)
+        s = self.conv_expand(F.silu(self.conv_reduce(s)))
+        return x * torch.sigmoid(s)
+
+
+class MBConvBlock(nn.Module):
+    """Inverted residual: [expand 1x1 -> BN -> swish] -> depthwise kxk/s -> BN -> swish -> SE
+    -> project 1x1 -> BN -> (+ drop-connected input when stride 1 and channels match; no activation).
+
+    Convs carry no bias (official `use_bias=False`); only the SE convs do.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int,
+                 expand_ratio: int, se_ratio: float, survival_prob: float):
+        super().__init__()
+        mid = in_channels * expand_ratio
+        self.expand = expand_ratio != 1
+        if self.expand:
+            self.conv_expand = nn.Conv2d(in_channels, mid, 1, bias=False)
+            self.bn_expand = batch_norm(mid)
+        self.conv_dw = Conv2dSame(mid, mid, kernel_size, stride, groups=mid, bias=False)
+        self.bn_dw = batch_norm(mid)
+        # The squeeze width is a fraction of the block's *input* filters, not of the expanded width.
+        self.se = SqueezeExcite(mid, max(1, int(in_channels * se_ratio)))
+        self.conv_project = nn.Conv2d(mid, out_channels, 1, bias=False)
+        self.bn_project = batch_norm(out_channels)
+        self.residual = stride == 1 and in_channels == out_channels
+        self.survival_prob = survival_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = x
+        if self.expand:
+            out = F.silu(self.bn_expand(self.conv_expand(out)))
+        out = F.silu(self.bn_dw(self.conv_dw(out)))
+        out = self.bn_project(self.conv_project(self.se(out)))
+        if self.residual:
+            # survival_prob 0.0 means "no drop-connect" in the official code (B0 in EfficientDet).
+            if self.survival_prob:
+                out = drop_connect(out, self.survival_prob, self.training)
+            out = out + x
+        return out
+
+
+class EfficientNet(nn.Module):
+    """Stem (conv 3x3/2 -> BN -> swish) and the scaled MBConv blocks.
+
+    `forward(images [N, 3, H, W]) -> [C3, C4, C5]`: the outputs of the last block of stride 8, 16 and 32
+    (official endpoints `reduction_3..5`), `[N, channels[i], H / 2^(i+3), W / 2^(i+3)]`.
+    """
+
+    def __init__(self, config: EfficientNetConfig):
+        super().__init__()
+        self.config = config
+        stem_out = config.round_filters(config.stem_filters)
+        self.stem = nn.Sequential()
+        self.stem.add_module("conv", Conv2dSame(3, stem_out, 3, 2, bias=False))
+        self.stem.add_module("bn", batch_norm(stem_out))
+        self.stem.add_module("act", nn.SiLU())
+
+        stages = []
+        for args in EFFICIENTNET_BLOCKS:
+            in_ch, out_ch = config.round_filters(args.input_filters), config.round_filters(args.output_filters)
+            for i in range(config.round_repeats(args.num_repeat)):
+                # Repeats after the first keep the width and stride 1.
+                stages.append((in_ch if i == 0 else out_ch, out_ch, args.kernel_size,
+                               args.stride if i == 0 else 1, args.expand_ratio, args.se_ratio))
+        n = len(stages)
+        drop_rate = 1.0 - config.survival_prob
+        self.blocks = nn.ModuleList(
+            # Official: survival decays linearly with the global block index, 1.0 for the first block.
+            MBConvBlock(*stage, survival_prob=(1.0 - drop_rate * i / n) if config.survival_prob else 0.0)
+            for i, stage in enumerate(stages)
+        )
+        # A block is a feature tap when it is the last one before a stride-2 block or the last of all;
+        # taps come at strides 2, 4, 8, 16, 32 and EfficientDet uses the last three.
+        taps = [i for i in range(n) if i == n - 1 or stages[i + 1][3] > 1]
+        self.tap_indices = taps[-3:]
+        self.out_channels = [stages[i][1] for i in self.tap_indices]
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                init_efficientnet_conv_(m)
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = self.stem(images)
+        features = []
+        for i, block in enumerate(self.blocks):
+            x = block(x)
+            if i in self.tap_indices:
+                features.append(x)
+        return features
