@@ -1,0 +1,57 @@
+"""Shared test fixtures: the official TF reference fixture (../shared) and a parity report.
+
+Every parity test records the max |delta| of each tensor it compares; the table is printed at the end of
+the run (so CI logs show how close the port is, not just that it passed).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FIXTURE = ROOT.parent / "shared" / "fixtures" / "tf_reference_d0"
+_DELTAS: dict[str, tuple[float, float]] = {}
+
+
+def record_delta(name: str, ours, reference, tolerance: float) -> float:
+    """Max |ours - reference| (numpy or torch), remembered for the end-of-run report."""
+    ours = ours.detach().cpu().numpy() if isinstance(ours, torch.Tensor) else np.asarray(ours)
+    delta = float(np.abs(ours.astype(np.float64) - np.asarray(reference, dtype=np.float64)).max())
+    _DELTAS[name] = (delta, tolerance)
+    return delta
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _DELTAS:
+        return
+    terminalreporter.section("parity with the official TF implementation (max |delta|)")
+    for name, (delta, tol) in _DELTAS.items():
+        terminalreporter.write_line(f"{name:<40s} {delta:.3e}   (tolerance {tol:.0e})")
+    worst = max(_DELTAS.items(), key=lambda kv: kv[1][0] / kv[1][1])
+    terminalreporter.write_line(f"worst relative to its tolerance: {worst[0]} {worst[1][0]:.3e}")
+
+
+@pytest.fixture(scope="session")
+def fixture_dir() -> Path:
+    if not (FIXTURE / "model.index").is_file():
+        pytest.skip(f"official TF reference fixture not found at {FIXTURE} (the shared/ folder beside the repo)")
+    return FIXTURE
+
+
+@pytest.fixture(scope="session")
+def reference(fixture_dir):
+    return dict(np.load(fixture_dir / "reference_outputs.npz"))
+
+
+@pytest.fixture(scope="session")
+def input_nchw(reference) -> torch.Tensor:
+    return torch.from_numpy(reference["input_tensor"]).permute(0, 3, 1, 2).contiguous()
+
+
+def nhwc(t: torch.Tensor) -> np.ndarray:
+    """Our `[N, C, H, W]` -> the fixture's `[N, H, W, C]`."""
+    return t.detach().permute(0, 2, 3, 1).numpy()

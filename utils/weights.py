@@ -1,0 +1,48 @@
+"""Reading and writing the project's `.pth` weight files, atomically.
+
+A weight file is a dict: `{"state_dict": {...}, "model_name": str, "num_classes": int, ...metadata}`.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """`torch.save` to a temp file beside `path`, then rename: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: str | os.PathLike, state_dict: dict, **metadata) -> None:
+    atomic_torch_save({"state_dict": state_dict, **metadata}, path)
+
+
+def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
+    """`(state_dict, metadata)` of a weight file written by `save_weights` (or a bare state dict)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: weight file not found")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle/zip errors carry no file name; say which file and what it should be
+        raise ValueError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
+    if "state_dict" in obj:
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        return obj["state_dict"], meta
+    return obj, {}
