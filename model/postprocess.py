@@ -1,0 +1,206 @@
+"""Post-processing of the head outputs into detections, batched, exactly as the official TF code does it.
+
+Two official paths (`efficientdet/tf2/postprocess.py`), each with the official gaussian soft-NMS or a fast
+hard NMS (IoU 0.5):
+
+* ``"infer"`` (`postprocess_global`, the default for images): every anchor keeps its best class; one
+  class-agnostic NMS over all anchors; boxes clipped to the network-input frame; at most 100 detections.
+* ``"eval"`` (`generate_detections` with `max_nms_inputs=5000`, what the official COCO numbers use): the
+  top-5000 (anchor, class) pairs by logit over all levels; NMS per class; the top-100 over all classes;
+  boxes not clipped.
+
+Soft-NMS (`tf.raw_ops.NonMaxSuppressionV5` with `soft_nms_sigma = sigma / 2`): repeatedly select the highest
+current score; every remaining box of the same group is multiplied by `exp(-iou^2 / sigma)` (sigma 0.5);
+a box whose score falls to `score_threshold` (0.001) or below is dropped; no hard suppression at all.
+All boxes are (ymin, xmin, ymax, xmax); detection boxes are in original-image pixels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .anchors import BoxCoder
+
+MAX_DETECTION_POINTS = 5000  # official eval pre-NMS top-k
+MAX_DETECTIONS = 100
+SOFT_NMS_SIGMA = 0.5
+SOFT_NMS_SCORE_THRESHOLD = 0.001
+HARD_NMS_IOU = 0.5
+
+
+@dataclass
+class Detections:
+    """Per image up to `max_detections` rows, padded with zeros after `num_valid[i]`, best first.
+
+    boxes `[N, D, 4]` (ymin, xmin, ymax, xmax) in original-image pixels; scores `[N, D]`;
+    classes `[N, D]` int64, 0-based indices into the class outputs (official label = class + 1);
+    num_valid `[N]` int64.
+    """
+
+    boxes: torch.Tensor
+    scores: torch.Tensor
+    classes: torch.Tensor
+    num_valid: torch.Tensor
+
+
+def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level head outputs -> `[N, sum_l H_l*W_l*A, C]` logits and `[N, ..., 4]` deltas.
+
+    Rows follow the anchor order of `AnchorGenerator` (level -> y -> x -> anchor), since channel
+    `a * C + c` is anchor-major.
+    """
+    n = cls_outs[0].shape[0]
+    num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+    cls = torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1, num_classes) for c in cls_outs], 1)
+    box = torch.cat([b.permute(0, 2, 3, 1).reshape(n, -1, 4) for b in box_outs], 1)
+    return cls, box
+
+
+def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise IoU of yxyx boxes `a [..., 4]` and `b [..., 4]` (broadcast); 0 when a box is empty."""
+    inter_h = (torch.minimum(a[..., 2], b[..., 2]) - torch.maximum(a[..., 0], b[..., 0])).clamp(min=0)
+    inter_w = (torch.minimum(a[..., 3], b[..., 3]) - torch.maximum(a[..., 1], b[..., 1])).clamp(min=0)
+    inter = inter_h * inter_w
+    area_a = (a[..., 2] - a[..., 0]) * (a[..., 3] - a[..., 1])
+    area_b = (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+    union = area_a + area_b - inter
+    return torch.where((area_a > 0) & (area_b > 0), inter / union.clamp(min=1e-12), torch.zeros_like(inter))
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_groups: int, max_per_group: int,
+        method: str = "soft", sigma: float = SOFT_NMS_SIGMA, score_threshold: float = SOFT_NMS_SCORE_THRESHOLD,
+        iou_threshold: float = HARD_NMS_IOU) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy NMS run independently in every (image, group), all groups at once, stopping after
+    `max_per_group` selections per group (so 100 iterations at most, however many boxes there are).
+
+    `method="soft"`: gaussian soft-NMS, remaining boxes decay by `exp(-iou^2 / sigma)` and are dropped at
+    `score_threshold` or below. `method="hard"`: boxes with IoU > `iou_threshold` are suppressed, no score
+    threshold (official hard NMS uses -inf).
+    boxes `[N, K, 4]`, scores `[N, K]`, groups `[N, K]` int64 in [0, num_groups) (all zeros for
+    class-agnostic NMS). Returns `selected_scores [N, K]` (score at selection, 0 if not selected) and
+    `rank [N, K]` (iteration at which it was selected; `max_per_group` if not selected).
+    """
+    if method not in ("soft", "hard"):
+        raise ValueError(f"nms method {method!r}: expected 'soft' or 'hard'")
+    n, k = scores.shape
+    active = scores > score_threshold if method == "soft" else torch.ones_like(scores, dtype=torch.bool)
+    current = torch.where(active, scores, -torch.inf)
+    selected_scores = torch.zeros_like(scores)
+    rank = torch.full((n, k), max_per_group, dtype=torch.long, device=scores.device)
+    index = torch.arange(k, device=scores.device).expand(n, k)
+    rows = torch.arange(n, device=scores.device)[:, None].expand(n, num_groups)
+    for it in range(max_per_group):
+        if not active.any():
+            break
+        # The best remaining box of each group; ties go to the lowest index, like TF's priority queue.
+        if num_groups == 1:
+            pick = current.argmax(1, keepdim=True)  # argmax returns the first maximal index
+            picked = active.gather(1, pick)
+        else:
+            group_max = current.new_full((n, num_groups), -torch.inf).scatter_reduce(1, groups, current, "amax")
+            is_max = active & (current == group_max.gather(1, groups))
+            pick = torch.full((n, num_groups), k, dtype=torch.long, device=scores.device)
+            pick = pick.scatter_reduce(1, groups, torch.where(is_max, index, k), "amin")
+            picked = pick < k  # [N, G]
+            pick = pick.clamp(max=k - 1)
+        sel_rows, sel_cols = rows[picked], pick[picked]
+        selected_scores[sel_rows, sel_cols] = current[sel_rows, sel_cols]
+        rank[sel_rows, sel_cols] = it
+        active[sel_rows, sel_cols] = False
+        # Compare every remaining box with the box just selected in its own group.
+        chosen = boxes.gather(1, pick[..., None].expand(n, num_groups, 4))  # [N, G, 4]
+        reference = chosen if num_groups == 1 else chosen.gather(1, groups[..., None].expand(n, k, 4))
+        iou = pairwise_iou(boxes, reference)
+        affected = active & (picked if num_groups == 1 else picked.gather(1, groups))
+        if method == "soft":
+            current = torch.where(affected, current * torch.exp(-iou * iou / sigma), current)
+            active &= current > score_threshold
+        else:
+            active &= ~(affected & (iou > iou_threshold))
+        current = torch.where(active, current, -torch.inf)
+    return selected_scores, rank
+
+
+def _top_selected(scores: torch.Tensor, rank: torch.Tensor, groups: torch.Tensor, max_per_group: int,
+                  max_detections: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices `[N, D]` of the best selected rows and a validity mask, score first, then (group, rank):
+    the order TF's top_k gives over per-group results concatenated group by group."""
+    n, k = scores.shape
+    order = groups * (max_per_group + 1) + rank
+    order = torch.where(rank < max_per_group, order, torch.iinfo(torch.long).max)
+    by_group = order.argsort(dim=1, stable=True)
+    sorted_scores = torch.where(rank.gather(1, by_group) < max_per_group, scores.gather(1, by_group), -1.0)
+    by_score = sorted_scores.argsort(dim=1, descending=True, stable=True)[:, :max_detections]
+    if k < max_detections:  # fewer candidates than output rows: pad with invalid rows
+        by_score = torch.cat([by_score, by_score.new_zeros(n, max_detections - k)], 1)
+        sorted_scores = torch.cat([sorted_scores, sorted_scores.new_full((n, 1), -1.0)], 1)
+        by_score[:, k:] = k
+        by_group = torch.cat([by_group, by_group.new_zeros(n, 1)], 1)
+    return by_group.gather(1, by_score), sorted_scores.gather(1, by_score) >= 0
+
+
+def infer_candidates(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor):
+    """Official pre-NMS of the "infer" path: every anchor with its best class.
+
+    logits `[N, A, C]`, deltas `[N, A, 4]`, anchors `[A, 4]` -> boxes `[N, A, 4]` yxyx network px (not
+    clipped), scores `[N, A]` (sigmoid of the max logit), classes `[N, A]` (argmax, first on ties).
+    """
+    best_logit, classes = logits.max(-1)
+    return BoxCoder().decode(deltas, anchors), torch.sigmoid(best_logit), classes
+
+
+def eval_candidates(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.Tensor,
+                    k: int = MAX_DETECTION_POINTS):
+    """Official pre-NMS of the "eval" path: the top-k (anchor, class) pairs by logit, flattened as
+    `anchor * C + class`, with their decoded boxes. Shapes `[N, k, 4]`, `[N, k]`, `[N, k]`."""
+    n, num_anchors, num_classes = logits.shape
+    top_logits, flat = logits.reshape(n, -1).topk(min(k, num_anchors * num_classes), dim=1)
+    anchor_idx, classes = flat // num_classes, flat % num_classes
+    boxes = BoxCoder().decode(deltas.gather(1, anchor_idx[..., None].expand(*flat.shape, 4)), anchors[anchor_idx])
+    return boxes, torch.sigmoid(top_logits), classes
+
+
+def select_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, image_scales: torch.Tensor,
+                      per_class: bool, method: str = "soft", clip_size: tuple[int, int] | None = None,
+                      max_detections: int = MAX_DETECTIONS) -> Detections:
+    """NMS over candidates (boxes `[N, K, 4]` yxyx network px, scores `[N, K]`, classes `[N, K]`), then the
+    best `max_detections` per image, boxes clipped to `clip_size` (H, W) if given, then scaled by
+    `image_scales [N]` to original pixels. `per_class` runs NMS per class (eval path), else across classes."""
+    num_groups = int(classes.max()) + 1 if per_class and classes.numel() else 1
+    groups = classes if per_class else torch.zeros_like(classes)
+    selected, rank = nms(boxes, scores, groups, num_groups, max_detections, method)
+    idx, valid = _top_selected(selected, rank, groups, max_detections, max_detections)
+    out_boxes = boxes.gather(1, idx[..., None].expand(*idx.shape, 4))
+    if clip_size is not None:
+        limit = out_boxes.new_tensor([clip_size[0], clip_size[1], clip_size[0], clip_size[1]])
+        out_boxes = torch.minimum(out_boxes.clamp(min=0), limit)
+    out_boxes = out_boxes * image_scales.to(out_boxes)[:, None, None]
+    zeros = torch.zeros_like
+    return Detections(
+        boxes=torch.where(valid[..., None], out_boxes, zeros(out_boxes)),
+        scores=torch.where(valid, selected.gather(1, idx), zeros(idx, dtype=selected.dtype)),
+        classes=torch.where(valid, classes.gather(1, idx), zeros(idx)),
+        num_valid=valid.sum(1),
+    )
+
+
+def postprocess(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor], anchors: torch.Tensor,
+                image_scales: torch.Tensor, image_size: tuple[int, int], mode: str = "infer",
+                method: str = "soft", max_detections: int = MAX_DETECTIONS) -> Detections:
+    """Head outputs of N images -> `Detections` (see the module docstring for the two official paths).
+
+    anchors `[A, 4]` yxyx network px (from `AnchorGenerator`); image_scales `[N]` original px per network
+    px (`1 / resize scale`); image_size (H, W) of the network input (the "infer" path clips to it).
+    """
+    logits, deltas = flatten_outputs(cls_outs, box_outs)
+    logits, deltas = logits.float(), deltas.float()
+    if mode == "infer":
+        candidates = infer_candidates(logits, deltas, anchors)
+        return select_detections(*candidates, image_scales, per_class=False, method=method, clip_size=image_size,
+                                 max_detections=max_detections)
+    if mode == "eval":
+        candidates = eval_candidates(logits, deltas, anchors)
+        return select_detections(*candidates, image_scales, per_class=True, method=method,
+                                 max_detections=max_detections)
+    raise ValueError(f"post-processing mode {mode!r}: expected 'infer' or 'eval'")
