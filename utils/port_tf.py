@@ -42,6 +42,11 @@ class PortResult:
     ema: bool  # True when the EMA shadows were used
     raw_fallback: list[str] = field(default_factory=list)  # variables without a shadow, taken raw
 
+    def save(self, path, source: str) -> None:
+        """Write the weight file (atomically), with what it is and where it came from."""
+        save_weights(path, self.state_dict, model_name=self.model_name, num_classes=self.num_classes,
+                     ema=self.ema, backbone_only=self.num_classes is None, source=source)
+
 
 def describe_checkpoint(reader: TFCheckpointReader) -> dict:
     """The architecture a checkpoint was saved from, read off its variable names and shapes."""
@@ -201,8 +206,7 @@ def main(argv=None) -> int:
     if result.raw_fallback:
         print(f"note: {len(result.raw_fallback)} variable(s) had no EMA shadow and were taken raw: "
               f"{_summarise(result.raw_fallback)}")
-    save_weights(args.output, result.state_dict, model_name=result.model_name, num_classes=result.num_classes,
-                 ema=result.ema, backbone_only=args.backbone_only, source=str(args.checkpoint))
+    result.save(args.output, source=str(args.checkpoint))
     n = sum(t.numel() for k, t in result.state_dict.items() if not k.endswith("num_batches_tracked"))
     what = "backbone of " if args.backbone_only else ""
     print(f"wrote {args.output}: {what}{args.model}, {len(result.state_dict)} tensors, {n:,} values, "

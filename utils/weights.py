@@ -5,26 +5,17 @@ A weight file is a dict: `{"state_dict": {...}, "model_name": str, "num_classes"
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from utils.atomic import atomic_open
+
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save` to a temp file beside `path`, then rename: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """`torch.save` that never leaves a half-written file (see `utils.atomic`)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def save_weights(path: str | os.PathLike, state_dict: dict, **metadata) -> None:
