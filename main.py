@@ -1,29 +1,58 @@
-"""EfficientDet command line.
-
-    python main.py -mode summary -model efficientdet-d0     # params and FLOPs (or -model all)
-"""
+"""EfficientDet command line: `python main.py -mode MODE [flags]`; `python main.py -mode MODE --help` lists
+the flags of a mode with their defaults. Flags that a mode does not use are errors."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
-from model import VARIANTS
+# mode -> (module, function adding the mode's flags, function running it, description)
+MODES = {
+    "eval": ("eval.cli", "add_eval_args", "run_eval",
+             "COCO evaluation (official soft-NMS path) of --pretrained or --weights on a COCO-format dataset"),
+    "infer": ("eval.infer", "add_infer_args", "run_infer",
+              "detect objects in images: drawn PNGs and detections.json"),
+    "summary": ("utils.summary", "add_summary_args", "run_summary", "parameter and FLOP counts of the variants"),
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None/False (those helps say what happens instead)."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(mode: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="main.py", formatter_class=_HelpFormatter,
+        description="EfficientDet D0-D7x, faithful to the official TF implementation. "
+                    + ("; ".join(f"{m}: {spec[3]}" for m, spec in MODES.items()) if mode is None else MODES[mode][3]))
+    parser.add_argument("-mode", required=True, choices=list(MODES), help="what to do")
+    if mode is not None:
+        module, add_args, _, _ = MODES[mode]
+        getattr(importlib.import_module(module), add_args)(parser)
+    return parser
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="EfficientDet D0-D7x, faithful to the official TF implementation.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("-mode", required=True, choices=["summary"],
-                        help="summary: parameter and FLOP counts of the variant(s)")
-    parser.add_argument("-model", default="efficientdet-d0", choices=[*VARIANTS, "all"], help="variant")
-    return parser.parse_args(argv)
+    """Parse in two steps: -mode first, then exactly the flags of that mode (anything else is an error)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("-mode", choices=list(MODES))
+    known, _ = pre.parse_known_args(argv)
+    return build_parser(known.mode).parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.mode == "summary":
-        from utils.summary import summary_table
-        print(summary_table(list(VARIANTS) if args.model == "all" else [args.model]))
+    module, _, run, _ = MODES[args.mode]
+    try:
+        getattr(importlib.import_module(module), run)(args)
+    except (ValueError, OSError, RuntimeError) as e:  # user-facing problems: one clear line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -24,14 +24,18 @@ _STAT_LABELS = (
 def detections_to_coco(dets: Detections, image_ids: list[int], category_ids: list[int]) -> list[dict]:
     """COCO results entries `{"image_id", "category_id", "bbox": [x, y, w, h], "score"}` of a batch.
 
-    `category_ids[c]` is the dataset category id of class index c. Boxes are converted from yxyx.
+    `category_ids[c]` is the dataset category id of class index c; detections of classes without one (unused
+    ids of the 90-id COCO space) are left out, as COCOeval would ignore them. Boxes are converted from yxyx.
     """
     boxes, scores, classes = dets.boxes.cpu().numpy(), dets.scores.cpu().numpy(), dets.classes.cpu().numpy()
     results = []
     for i, image_id in enumerate(image_ids):
         for j in range(int(dets.num_valid[i])):
+            category = category_ids[int(classes[i, j])]
+            if category is None:
+                continue
             ymin, xmin, ymax, xmax = (float(v) for v in boxes[i, j])
-            results.append({"image_id": int(image_id), "category_id": int(category_ids[int(classes[i, j])]),
+            results.append({"image_id": int(image_id), "category_id": int(category),
                             "bbox": [round(xmin, 3), round(ymin, 3), round(xmax - xmin, 3), round(ymax - ymin, 3)],
                             "score": round(float(scores[i, j]), 5)})
     return results

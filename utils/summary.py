@@ -29,3 +29,11 @@ def summary_table(names) -> str:
         s = variant_summary(name)
         lines.append(f"{name:<18}{s['image_size']:>6}{s['params']:>13,}{s['gmacs']:>9.2f}{s['paper_gflops']:>14}")
     return "\n".join(lines)
+
+
+def add_summary_args(parser) -> None:
+    parser.add_argument("-model", default="efficientdet-d0", choices=[*VARIANTS, "all"], help="variant, or all")
+
+
+def run_summary(args) -> None:
+    print(summary_table(list(VARIANTS) if args.model == "all" else [args.model]))

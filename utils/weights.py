@@ -1,6 +1,7 @@
 """Reading and writing the project's `.pth` weight files, atomically.
 
-A weight file is a dict: `{"state_dict": {...}, "model_name": str, "num_classes": int, ...metadata}`.
+A weight file is a dict: `{"state_dict": {...}, "model_name": str, "num_classes": int, ...metadata}`;
+training checkpoints add `"ema_state_dict"` (and optimizer state etc.).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ def save_weights(path: str | os.PathLike, state_dict: dict, **metadata) -> None:
 
 
 def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
-    """`(state_dict, metadata)` of a weight file written by `save_weights` (or a bare state dict)."""
+    """`(state_dict, metadata)` of a weight file: a ported `.pth`, a training checkpoint (its EMA weights,
+    which evaluation uses, when it has them) or a bare state dict."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weight file not found")
@@ -33,7 +35,9 @@ def load_weights(path: str | os.PathLike) -> tuple[dict, dict]:
         raise ValueError(f"{path}: not a readable PyTorch weight file ({type(e).__name__}: {e})") from e
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict of weights, found {type(obj).__name__}")
-    if "state_dict" in obj:
-        meta = {k: v for k, v in obj.items() if k != "state_dict"}
-        return obj["state_dict"], meta
+    for key in ("ema_state_dict", "state_dict"):
+        if key in obj:
+            meta = {k: v for k, v in obj.items() if not k.endswith("state_dict")}
+            meta["weights"] = "ema" if key == "ema_state_dict" else meta.get("weights", "model")
+            return obj[key], meta
     return obj, {}

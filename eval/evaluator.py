@@ -1,0 +1,91 @@
+"""Running a detector over a dataset: batched forward + official post-processing, COCO results, metrics.
+
+Shared by `-mode eval` and the per-epoch validation of `-mode trainval` (which shards images over DDP ranks).
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.coco import CocoDetection, collate_detection
+from eval.coco_eval import detections_to_coco, evaluate_coco
+from model import AnchorGenerator
+from model.postprocess import Detections, postprocess
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Detector(nn.Module):
+    """Model + anchors + post-processing: `forward(images [N, 3, S, S], scales [N]) -> Detections`.
+
+    mode "eval" (official COCO path, per-class NMS over the top-5000) or "infer" (best class per anchor,
+    class-agnostic NMS, boxes clipped); nms "soft" (official gaussian) or "hard" (IoU 0.5). `precision`
+    "bf16"/"fp16" runs the network under autocast; post-processing always runs in float32.
+    """
+
+    def __init__(self, model: nn.Module, config, image_size: int, mode: str = "eval", nms: str = "soft",
+                 precision: str = "fp32"):
+        super().__init__()
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        self.model, self.mode, self.nms, self.precision = model, mode, nms, precision
+        self.image_size = (image_size, image_size)
+        self.anchors = AnchorGenerator.from_config(config)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
+        dtype = PRECISIONS[self.precision]
+        autocast = torch.autocast(images.device.type, dtype) if dtype else contextlib.nullcontext()
+        with autocast:
+            cls_outs, box_outs = self.model(images)
+        anchors = self.anchors(self.image_size, images.device)
+        return postprocess(cls_outs, box_outs, anchors, scales, self.image_size, self.mode, self.nms)
+
+
+def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int,
+                  device: torch.device, max_images: int | None = None, rank: int = 0, world_size: int = 1,
+                  progress: bool = True) -> tuple[list[dict], dict]:
+    """Detect on (this rank's share of) the first `max_images` images of an evaluation `dataset`.
+
+    Returns COCO results (category ids of the dataset) and stats: images, failed, seconds, img/s,
+    postprocess seconds per image.
+    """
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    subset = Subset(dataset, list(range(rank, count, world_size)))
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection,
+                        pin_memory=device.type == "cuda")
+    results, images_done, failed = [], 0, 0
+    start = time.perf_counter()
+    bar = tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        if batch is None:  # every image of the batch failed to decode
+            failed += batch_size
+            continue
+        images, targets = batch
+        failed += targets["num_failed"]
+        scales = torch.tensor(targets["scales"], dtype=torch.float32, device=device)
+        dets = detector(images.to(device, non_blocking=True), scales)
+        results += detections_to_coco(dets, targets["image_ids"].tolist(), dataset.class_to_category)
+        images_done += len(images)
+        bar.update(len(images) + targets["num_failed"])
+        bar.set_postfix(img_s=f"{images_done / (time.perf_counter() - start):.1f}", dets=len(results))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return results, {"images": images_done, "failed": failed, "seconds": seconds,
+                     "img_per_s": images_done / max(seconds, 1e-9)}
+
+
+def evaluate(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int, device: torch.device,
+             max_images: int | None = None, progress: bool = True) -> tuple[dict, list[dict], dict]:
+    """Single-process evaluation: `(coco_stats, results, run_stats)` on the first `max_images` images."""
+    results, run_stats = run_detection(detector, dataset, batch_size, workers, device, max_images,
+                                       progress=progress)
+    dataset.check_failures(run_stats["failed"], run_stats["images"] + run_stats["failed"])
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    stats = evaluate_coco(dataset.coco, results, dataset.image_ids[:count])
+    return stats, results, run_stats
