@@ -1,0 +1,277 @@
+"""COCO-format detection datasets (pycocotools) and their collate function.
+
+Layout expected by `CocoDetection.from_root(DIR, split)`:
+`DIR/annotations/instances_{split}2017.json` and `DIR/{split}2017/<file_name>` (split `train` or `val`).
+
+Boxes: COCO `[x, y, w, h]` px in the json; (ymin, xmin, ymax, xmax) ("yxyx") float32 px everywhere here.
+Classes: 0-based indices into the model's class outputs. A json whose categories all carry COCO's ids and
+names uses the official 90-id label space, `class = category_id - 1` (official `hparams_config.num_classes=90`,
+`anchors.py` subtracts 1 from the label); any other json gets a contiguous map over its sorted category ids.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools.coco import COCO
+from torch.utils.data import Dataset
+
+from .transforms import TrainTransform, preprocess_for_eval, to_uint8_rgb
+
+EXPECTED_LAYOUT = "expected layout: DIR/annotations/instances_{train,val}2017.json + DIR/{train,val}2017/"
+
+# the 80 COCO categories with their ids in 1..90 (instances_*2017.json)
+COCO_CATEGORY_NAMES: dict[int, str] = dict(enumerate([
+    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
+    "fire hydrant", None, "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
+    "elephant", "bear", "zebra", "giraffe", None, "backpack", "umbrella", None, None, "handbag", "tie",
+    "suitcase", "frisbee", "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove",
+    "skateboard", "surfboard", "tennis racket", "bottle", None, "wine glass", "cup", "fork", "knife", "spoon",
+    "bowl", "banana", "apple", "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake",
+    "chair", "couch", "potted plant", "bed", None, "dining table", None, None, "toilet", None, "tv", "laptop",
+    "mouse", "remote", "keyboard", "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", None,
+    "book", "clock", "vase", "scissors", "teddy bear", "hair drier", "toothbrush"], start=1))
+COCO_CATEGORY_NAMES = {k: v for k, v in COCO_CATEGORY_NAMES.items() if v is not None}
+COCO_NUM_CLASSES = 90
+
+
+def _load_coco_json(ann_file: Path) -> dict:
+    """Read and sanity-check a COCO instances json; any problem is a one-line ValueError naming the file."""
+    try:
+        data = json.loads(ann_file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"ann_file {ann_file} is not COCO json (not valid JSON: {err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"ann_file {ann_file} is not COCO json (top level is {type(data).__name__}, expected "
+                         f"an object with 'images', 'annotations', 'categories')")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"ann_file {ann_file} is not COCO json (no '{key}' list; expected an instances "
+                             f"file with 'images', 'annotations', 'categories')")
+    try:
+        for image in data["images"]:
+            int(image["id"]), str(image["file_name"]), int(image["height"]), int(image["width"])
+        for cat in data["categories"]:
+            int(cat["id"]), str(cat["name"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"ann_file {ann_file} is not COCO json (an image lacks id/file_name/height/width or a "
+                         f"category lacks id/name: {err!r})") from None
+    return data
+
+
+def _label_space(categories: list[dict], label_map: str | None, ann_file: Path
+                 ) -> tuple[list[str], list[int | None], dict[int, int]]:
+    """`(class_names, class_to_category, category_to_class)` for `label_map` None (auto) / 'coco90' /
+    'contiguous'. In the 90-id space unused ids keep a placeholder name and map to category None."""
+    names = {int(c["id"]): str(c["name"]) for c in categories}
+    is_coco = all(COCO_CATEGORY_NAMES.get(cid, "").lower() == name.strip().lower() for cid, name in names.items())
+    if label_map not in (None, "coco90", "contiguous"):
+        raise ValueError(f"label_map: expected None (auto), 'coco90' or 'contiguous', got {label_map!r}")
+    if label_map == "coco90" or (label_map is None and is_coco):
+        bad = sorted(cid for cid in names if not 1 <= cid <= COCO_NUM_CLASSES)
+        if bad:
+            raise ValueError(f"label_map='coco90': {ann_file} has category ids {bad} outside 1..90")
+        ids = list(range(1, COCO_NUM_CLASSES + 1))
+        class_names = [names.get(i) or COCO_CATEGORY_NAMES.get(i) or f"unused_{i}" for i in ids]
+        class_to_category = [i if i in names else None for i in ids]
+    else:
+        class_to_category = sorted(names)
+        class_names = [names[i] for i in class_to_category]
+    category_to_class = {cid: k for k, cid in enumerate(class_to_category) if cid is not None}
+    return class_names, class_to_category, category_to_class
+
+
+class CocoDetection(Dataset):
+    """COCO-format detection dataset.
+
+    Args:
+        ann_file: COCO instances json.
+        image_dir: folder holding the images named by the json's `file_name`.
+        train: True -> augmented training items, False -> evaluation items (official eval preprocessing).
+        image_size: network input size S (int or `(S_h, S_w)`).
+        transform: training transform with `TrainTransform`'s call signature (default
+            `TrainTransform(image_size)`, the official augmentation); not accepted with `train=False`.
+        label_map: None = auto (COCO's ids and names -> 90-id space, else contiguous), 'coco90', 'contiguous'.
+        max_instances: boxes kept per image, in annotation order (official `max_instances_per_image=100`).
+        seed: base seed of the augmentation; item `i` of epoch `e` uses `np.random.default_rng([seed, e, i])`,
+            so results do not depend on DataLoader workers or order.
+
+    Items (`ds[i]`):
+        train: `(image [3, S, S] float32, {"boxes": [K, 4] yxyx float32 network px, "classes": [K] int64,
+            "image_id": int, "num_failed": int})`. Crowd boxes are skipped (official
+            `skip_crowd_during_training`). An image that fails to decode is skipped: the next index that
+            decodes is returned and `num_failed` counts the images skipped for this item.
+        eval: `(image [3, S, S] float32, {"image_id": int, "scale": float (original px per network px),
+            "orig_size": (H, W)})`, or None if the image fails to decode (`collate_detection` drops and counts
+            it). Evaluation reads ground truth from `self.coco` (pycocotools).
+    Ground truth per image (`self.annotations(i)`): boxes clipped to the image, zero-area boxes dropped, crowd
+    boxes dropped in training, at most `max_instances`.
+
+    Failures are counted per process in `num_failed` / `num_loaded` (with DataLoader workers, sum the
+    batches' `num_failed` instead) and checked with `check_failures`. `set_epoch(e)` must be called before
+    iterating a DataLoader (workers copy the dataset when the iterator starts; not with persistent workers).
+    """
+
+    def __init__(self, ann_file, image_dir, *, train: bool, image_size=512, transform=None,
+                 label_map: str | None = None, max_instances: int = 100, seed: int = 0):
+        self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
+        if not self.ann_file.is_file():
+            raise FileNotFoundError(f"ann_file {self.ann_file} does not exist (expected a COCO instances json)"
+                                    f"\n{EXPECTED_LAYOUT}")
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(f"image_dir {self.image_dir} does not exist (expected the folder of images)"
+                                    f"\n{EXPECTED_LAYOUT}")
+        if transform is not None and not train:
+            raise ValueError("transform: only used for training items; evaluation always uses the official "
+                             "preprocessing (preprocess_for_eval)")
+        self.train, self.image_size, self.max_instances, self.seed = train, image_size, int(max_instances), seed
+        self.transform = transform or (TrainTransform(image_size) if train else None)
+        self.epoch, self.num_failed, self.num_loaded = 0, 0, 0
+
+        data = _load_coco_json(self.ann_file)
+        self.class_names, self.class_to_category, self.category_to_class = _label_space(
+            data["categories"], label_map, self.ann_file)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            self.coco = COCO()
+            self.coco.dataset = data
+            self.coco.createIndex()
+        self.image_ids = [int(image["id"]) for image in data["images"]]
+        self._gt = self._index_annotations(data)
+
+    @classmethod
+    def from_root(cls, root, split: str, **kwargs) -> "CocoDetection":
+        """`root/annotations/instances_{split}2017.json` + `root/{split}2017/`; `train` defaults to
+        `split == 'train'`."""
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"root {root} does not exist (expected a COCO-format dataset folder)"
+                                    f"\n{EXPECTED_LAYOUT}")
+        kwargs.setdefault("train", split == "train")
+        return cls(root / "annotations" / f"instances_{split}2017.json", root / f"{split}2017", **kwargs)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def _index_annotations(self, data: dict) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+        """image id -> (boxes [K, 4] yxyx float32 px clipped to the image, classes [K] int64)."""
+        sizes = {int(im["id"]): (int(im["height"]), int(im["width"])) for im in data["images"]}
+        rows: dict[int, list] = {image_id: [] for image_id in sizes}
+        for ann in data["annotations"]:
+            ann_id, cat_id = ann.get("id"), ann.get("category_id")
+            if cat_id not in self.category_to_class:
+                raise ValueError(f"ann_file {self.ann_file}: annotation id {ann_id} has category_id {cat_id}, "
+                                 f"which is not in the json's categories {sorted(self.category_to_class)}")
+            image_id = ann.get("image_id")
+            bbox = ann.get("bbox")
+            if image_id not in rows or not isinstance(bbox, list) or len(bbox) != 4:
+                raise ValueError(f"ann_file {self.ann_file}: annotation id {ann_id} needs an image_id from "
+                                 f"'images' and a bbox [x, y, w, h], got image_id {image_id!r}, bbox {bbox!r}")
+            if self.train and ann.get("iscrowd", 0):  # official skip_crowd_during_training
+                continue
+            height, width = sizes[image_id]
+            x, y, w, h = (float(v) for v in bbox)
+            box = (min(max(y, 0.0), height), min(max(x, 0.0), width),
+                   min(max(y + h, 0.0), height), min(max(x + w, 0.0), width))
+            if box[2] > box[0] and box[3] > box[1] and len(rows[image_id]) < self.max_instances:
+                rows[image_id].append((box, self.category_to_class[cat_id]))
+        return {image_id: (np.array([r[0] for r in row], dtype=np.float32).reshape(-1, 4),
+                           np.array([r[1] for r in row], dtype=np.int64))
+                for image_id, row in rows.items()}
+
+    def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Ground truth of item `index`: boxes `[K, 4]` yxyx float32 original px, classes `[K]` int64."""
+        return self._gt[self.image_ids[index]]
+
+    def load_image(self, index: int) -> np.ndarray:
+        """RGB uint8 `[H, W, 3]` of item `index`; raises on a file that cannot be read or decoded."""
+        info = self.coco.imgs[self.image_ids[index]]
+        path = self.image_dir / info["file_name"]
+        with Image.open(path) as image:
+            array = to_uint8_rgb(image)
+        if array.shape[:2] != (int(info["height"]), int(info["width"])):
+            raise ValueError(f"image {path} decodes to {array.shape[:2]} but {self.ann_file} says "
+                             f"({info['height']}, {info['width']})")
+        return array
+
+    def _try_load(self, index: int) -> np.ndarray | None:
+        try:
+            array = self.load_image(index)
+        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on missing / broken files
+            self.num_failed += 1
+            warnings.warn(f"skipping image {self.coco.imgs[self.image_ids[index]]['file_name']} "
+                          f"in {self.image_dir}: {err}")
+            return None
+        self.num_loaded += 1
+        return array
+
+    def __getitem__(self, index: int):
+        array = self._try_load(index)
+        if not self.train:
+            if array is None:
+                return None
+            image, scale = preprocess_for_eval(array, self.image_size)
+            return image, {"image_id": self.image_ids[index], "scale": scale, "orig_size": array.shape[:2]}
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        skipped, loaded = 0, index
+        while array is None:  # training: resample the next index, so batches keep their size
+            skipped += 1
+            if skipped == len(self):
+                raise RuntimeError(f"image_dir {self.image_dir}: no image of {self.ann_file} could be decoded")
+            loaded = (index + skipped) % len(self)
+            array = self._try_load(loaded)
+        boxes, classes = self.annotations(loaded)
+        image, boxes, classes = self.transform(array, boxes, classes, rng)
+        return image, {"boxes": boxes, "classes": classes, "image_id": self.image_ids[loaded], "num_failed": skipped}
+
+    def check_failures(self, num_failed: int | None = None, num_seen: int | None = None,
+                       max_fraction: float = 0.01) -> None:
+        """Raise if more than `max_fraction` of the images seen failed to decode. Defaults to this process's
+        counters; with DataLoader workers pass the summed `num_failed` of the batches and the images seen."""
+        failed = self.num_failed if num_failed is None else num_failed
+        seen = self.num_failed + self.num_loaded if num_seen is None else num_seen
+        if seen and failed > max_fraction * seen:
+            raise RuntimeError(f"image_dir {self.image_dir}: {failed} of {seen} images failed to decode "
+                               f"(more than {max_fraction:.0%}); check the files listed in the warnings")
+
+
+def collate_detection(batch: list) -> tuple[torch.Tensor, dict] | None:
+    """Batch `CocoDetection` items (None items, i.e. eval images that failed to decode, are dropped).
+
+    Returns `(images [B, 3, S, S], targets)` or None when every item failed, with `targets`:
+        always: "image_ids" `[B]` int64, "num_failed" int (failed images behind this batch);
+        train items: "gt_boxes" `[B, M, 4]` yxyx network px and "gt_classes" `[B, M]` int64, M = most boxes
+            in the batch (may be 0), padded with -1 (the official `pad_to_fixed_size` value);
+        eval items: "scales" list of float (original px per network px), "orig_sizes" list of (H, W).
+    """
+    items = [item for item in batch if item is not None]
+    num_failed = len(batch) - len(items) + sum(t.get("num_failed", 0) for _, t in items)
+    if not items:
+        return None
+    images = torch.stack([image for image, _ in items])
+    targets = [t for _, t in items]
+    out = {"image_ids": torch.tensor([t["image_id"] for t in targets], dtype=torch.int64),
+           "num_failed": num_failed}
+    if "boxes" in targets[0]:
+        m = max(len(t["boxes"]) for t in targets)
+        out["gt_boxes"] = torch.full((len(items), m, 4), -1.0, dtype=torch.float32)
+        out["gt_classes"] = torch.full((len(items), m), -1, dtype=torch.int64)
+        for b, t in enumerate(targets):
+            out["gt_boxes"][b, :len(t["boxes"])] = t["boxes"]
+            out["gt_classes"][b, :len(t["classes"])] = t["classes"]
+    else:
+        out["scales"] = [t["scale"] for t in targets]
+        out["orig_sizes"] = [tuple(t["orig_size"]) for t in targets]
+    return images, out
