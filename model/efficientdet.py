@@ -52,6 +52,19 @@ class EfficientDet(nn.Module):
         return self.class_net(features), self.box_net(features)
 
 
+def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level head outputs -> `[N, sum_l H_l*W_l*A, C]` logits and `[N, ..., 4]` deltas.
+
+    Rows follow the anchor order of `AnchorGenerator` (level -> y -> x -> anchor), since channel
+    `a * C + c` is anchor-major.
+    """
+    n = cls_outs[0].shape[0]
+    num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+    cls = torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1, num_classes) for c in cls_outs], 1)
+    box = torch.cat([b.permute(0, 2, 3, 1).reshape(n, -1, 4) for b in box_outs], 1)
+    return cls, box
+
+
 def build_model(name: str, num_classes: int = 90, **overrides) -> EfficientDet:
     """Build variant `name` ("efficientdet-d0" ... "efficientdet-d7x") with freshly initialised weights.
 

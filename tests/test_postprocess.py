@@ -1,14 +1,12 @@
 """Post-processing: exact NMS semantics on hand cases, and parity with the official TF post-processing."""
 import math
 
-import numpy as np
 import pytest
 import torch
 
 from conftest import record_delta
-from model import AnchorGenerator, build_model
-from model.postprocess import (eval_candidates, flatten_outputs, infer_candidates, nms, postprocess,
-                               select_detections)
+from model import AnchorGenerator, build_model, flatten_outputs
+from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
 from utils.port_tf import load_tf_state_dict
 
 BOX_TOL, SCORE_TOL = 0.1, 1e-4  # px, score (issue 4)

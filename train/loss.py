@@ -1,0 +1,122 @@
+"""Detection loss, as the official `det_model_fn.detection_loss` (also `tf2/train_lib.py` `FocalLoss`, `BoxLoss`).
+
+    normaliser = positives in the batch + 1
+    cls_loss   = sum over all anchors and classes of focal(logit, one-hot) / normaliser   (anchors IGNORE = -2 skipped)
+    box_loss   = sum of Huber(delta) over box-target entries != 0 / (4 * normaliser)
+    loss       = cls_loss + box_loss_weight * box_loss
+
+Everything is computed in float32 whatever the dtype of the model outputs. The focal loss is one autograd
+node that keeps only the logits for backward (the gradient is recomputed), instead of the half-dozen
+`[B, A, C]` temporaries a composition of elementwise ops would hold on to (D0: B x 49,104 x 90 each).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from model import flatten_outputs
+
+from .assign import IGNORE
+
+
+def _signed_logits(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
+    """z = logit for y = 0, -logit for y = 1 (entries `positive_index` of the flattened tensor).
+
+    With z, the official terms become: 1 - p_t = sigmoid(z), and the cross-entropy with the smoothed label
+    y' = y (1 - s) + s / 2 is softplus(z) - (s / 2) z.
+    """
+    z = logits.clone()
+    flat = z.view(-1)
+    flat[positive_index] = -flat[positive_index]
+    return z
+
+
+class _SigmoidFocalLoss(torch.autograd.Function):
+    """Sum of the official focal loss over `logits [B, A, C]` for `cls_targets [B, A]` (one-hot, no background
+    class; IGNORE rows contribute nothing). Elementwise, with z as in `_signed_logits` and s = smoothing:
+
+        loss = alpha_t * sigmoid(z)^gamma * (softplus(z) - s/2 * z),   alpha_t = alpha (y = 1), 1 - alpha (y = 0)
+        dloss/dz = alpha_t * sigmoid(z)^gamma * (gamma * (1 - sigmoid(z)) * ce + sigmoid(z) - s/2),  dz/dx = -+1
+
+    As official, the modulating factor uses the unsmoothed label (`det_model_fn.focal_loss`).
+    """
+
+    @staticmethod
+    def _terms(logits, cls_targets, label_smoothing):
+        positive = cls_targets >= 0
+        num_classes = logits.shape[-1]
+        flat_positive = positive.reshape(-1)
+        positive_index = torch.nonzero(flat_positive).squeeze(1) * num_classes + cls_targets.reshape(-1)[flat_positive]
+        z = _signed_logits(logits, positive_index)
+        ce = F.softplus(z)
+        if label_smoothing:
+            ce.sub_(z, alpha=label_smoothing / 2)
+        keep = (cls_targets != IGNORE).to(logits.dtype)
+        return z, ce, positive, positive_index, keep
+
+    @staticmethod
+    def forward(ctx, logits, cls_targets, alpha: float, gamma: float, label_smoothing: float):
+        z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
+        element = torch.sigmoid(z).pow_(gamma).mul_(ce)  # loss without alpha_t
+        per_anchor = element.sum(-1).mul_(1 - alpha)
+        # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
+        per_anchor.view(-1)[positive.reshape(-1)] += (2 * alpha - 1) * element.view(-1)[positive_index]
+        ctx.save_for_backward(logits, cls_targets)
+        ctx.params = (alpha, gamma, label_smoothing)
+        return (per_anchor * keep).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        logits, cls_targets = ctx.saved_tensors
+        alpha, gamma, label_smoothing = ctx.params
+        z, ce, _, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
+        sig = torch.sigmoid(z)
+        grad = torch.sub(1, sig).mul_(ce).mul_(gamma).add_(sig).sub_(label_smoothing / 2)
+        grad.mul_(sig.pow_(gamma))  # d loss / dz without alpha_t
+        flat = grad.view(-1)
+        positive_grad = flat[positive_index] * -alpha  # alpha_t = alpha and dz/dx = -1 on positive entries
+        grad.mul_(1 - alpha)
+        flat[positive_index] = positive_grad
+        grad.mul_(keep[..., None]).mul_(grad_output)
+        return grad, None, None, None, None
+
+
+def focal_loss_sum(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float = 0.25, gamma: float = 1.5,
+                   label_smoothing: float = 0.0) -> torch.Tensor:
+    """Unnormalised focal loss: `logits [B, A, C]` (any float dtype, computed in float32), `cls_targets [B, A]`
+    int64 (class >= 0 positive, -1 background, -2 ignored) -> scalar."""
+    return _SigmoidFocalLoss.apply(logits.float().contiguous(), cls_targets, alpha, gamma, label_smoothing)
+
+
+def box_loss_sum(box_outputs: torch.Tensor, box_targets: torch.Tensor, delta: float = 0.1) -> torch.Tensor:
+    """Unnormalised Huber loss `[B, A, 4]` vs `[B, A, 4]` -> scalar, over target entries != 0 only.
+
+    Official `_box_loss`: `tf.losses.huber_loss(weights=box_targets != 0, reduction=SUM)`. The mask is per
+    entry: a positive anchor whose target is exactly 0 in a coordinate has no loss there.
+    """
+    box_targets = box_targets.float()
+    loss = F.huber_loss(box_outputs.float(), box_targets, reduction="none", delta=delta)
+    return torch.where(box_targets != 0, loss, 0.0).sum()
+
+
+def detection_loss(cls_outputs: list[torch.Tensor], box_outputs: list[torch.Tensor], cls_targets: torch.Tensor,
+                   box_targets: torch.Tensor, num_positives: torch.Tensor, alpha: float = 0.25, gamma: float = 1.5,
+                   delta: float = 0.1, box_loss_weight: float = 50.0, label_smoothing: float = 0.0
+                   ) -> dict[str, torch.Tensor]:
+    """Official detection loss from the raw head outputs.
+
+    Args:
+        cls_outputs, box_outputs: model outputs, lists over levels of `[B, A_l * C, H, W]` / `[B, A_l * 4, H, W]`.
+        cls_targets `[B, A]`, box_targets `[B, A, 4]`, num_positives (scalar): from `TargetAssigner`.
+            Official TPU training normalises by the positives of the per-replica batch, i.e. the local batch.
+        alpha, gamma, delta, box_loss_weight, label_smoothing: official defaults (`hparams_config.py`).
+    Returns:
+        `{"loss", "cls_loss", "box_loss", "num_positives"}`, float32 scalars; only "loss" is optimised.
+    """
+    cls_logits, box_preds = flatten_outputs(cls_outputs, box_outputs)
+    with torch.autocast(cls_logits.device.type, enabled=False):
+        normaliser = num_positives.float() + 1.0
+        cls_loss = focal_loss_sum(cls_logits, cls_targets, alpha, gamma, label_smoothing) / normaliser
+        box_loss = box_loss_sum(box_preds, box_targets, delta) / (4.0 * normaliser)
+    return {"loss": cls_loss + box_loss_weight * box_loss, "cls_loss": cls_loss, "box_loss": box_loss,
+            "num_positives": num_positives}
