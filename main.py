@@ -8,6 +8,9 @@ import sys
 
 # mode -> (module, function adding the mode's flags, function running it, description)
 MODES = {
+    "trainval": ("train.cli", "add_trainval_args", "run_train",
+                 "train (official recipe) and evaluate the EMA weights on the val split after each epoch"),
+    "train": ("train.cli", "add_train_only_args", "run_train", "train without validation"),
     "eval": ("eval.cli", "add_eval_args", "run_eval",
              "COCO evaluation (official soft-NMS path) of --pretrained or --weights on a COCO-format dataset"),
     "infer": ("eval.infer", "add_infer_args", "run_infer",

@@ -61,7 +61,7 @@ def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, w
                         pin_memory=device.type == "cuda")
     results, images_done, failed = [], 0, 0
     start = time.perf_counter()
-    bar = tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
     for batch in loader:
         if batch is None:  # every image of the batch failed to decode
             failed += batch_size

@@ -69,12 +69,18 @@ def dataset_paths(args: argparse.Namespace, split: str) -> tuple[Path, Path]:
     return Path(ann), Path(images)
 
 
+def check_download_flag(args: argparse.Namespace) -> None:
+    if args.download and not args.pretrained:
+        raise ValueError("--download: only used with --pretrained")
+
+
 def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
     """Build the model of `args` and load --pretrained / --weights into it.
 
     Returns the model and `info`: model_name, num_classes, image_size, class_names (None if unknown),
     class_to_category (None if unknown) and source (the weight file).
     """
+    check_download_flag(args)
     if args.pretrained:
         path = resolve_pretrained(args.model or DEFAULT_MODEL, REPO / "weights", download_missing=args.download)
     else:

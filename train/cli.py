@@ -1,0 +1,57 @@
+"""Flags of `python main.py -mode train|trainval` (official recipe by default)."""
+from __future__ import annotations
+
+import argparse
+
+from utils.cli import add_data_args, add_model_args, add_runtime_args
+
+
+def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
+    add_model_args(parser)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--pretrained", action="store_true",
+                       help="start from the official COCO weights (weights/<model>.pth); a different number of "
+                            "classes keeps everything but the class-prediction layer")
+    group.add_argument("--weights", metavar="FILE", help="start from these weights (same rule for the classes)")
+    group.add_argument("--backbone-weights", metavar="FILE",
+                       help="start the backbone from an EfficientNet .pth (python -m utils.port_tf --backbone-only)")
+    parser.add_argument("--download", action="store_true", help="with --pretrained: fetch the checkpoint if missing")
+    add_data_args(parser, ("train", "val") if validate else ("train",))
+    add_runtime_args(parser, batch_size=8)
+    parser.add_argument("--epochs", type=float, default=300, help="epochs (official 300; 600 for D7/D7x)")
+    parser.add_argument("--lr", type=float, default=None, help="base learning rate (default 0.08 * global batch / 64)")
+    parser.add_argument("--warmup-epochs", type=float, default=1.0, help="linear warm-up from lr/10")
+    parser.add_argument("--weight-decay", type=float, default=4e-5, help="L2 on conv/dense weights only")
+    parser.add_argument("--clip-norm", type=float, default=10.0, help="gradient clipping norm (0: off)")
+    parser.add_argument("--ema-decay", type=float, default=0.9998, help="EMA decay of weights and BN statistics")
+    parser.add_argument("--label-smoothing", type=float, default=0.0, help="focal-loss label smoothing")
+    parser.add_argument("--jitter", type=float, nargs=2, default=(0.1, 2.0), metavar=("MIN", "MAX"),
+                        help="random scale range of the image size")
+    parser.add_argument("--assigner", choices=["iou", "atss"], default="iou",
+                        help="anchor assignment: iou (official ArgMax matcher, 0.5) or atss")
+    parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA")
+    parser.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
+    parser.add_argument("--output", default=None, help="run folder for last.pth, best.pth, metrics.jsonl "
+                                                       "(default runs/<model>)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pth")
+    parser.add_argument("--save-every", type=int, default=500, help="also save last.pth every N steps")
+    parser.add_argument("--log-every", type=int, default=20, help="write a metrics.jsonl line every N steps")
+    if validate:
+        parser.add_argument("--eval-every", type=int, default=1, help="evaluate the EMA weights every N epochs")
+        parser.add_argument("--val-nms", choices=["soft", "hard"], default="soft",
+                            help="NMS of the per-epoch evaluation (soft: the official evaluation path)")
+        parser.add_argument("--val-max-images", type=int, default=None, help="evaluate on the first K val images")
+
+
+def add_trainval_args(parser: argparse.ArgumentParser) -> None:
+    add_train_args(parser, validate=True)
+
+
+def add_train_only_args(parser: argparse.ArgumentParser) -> None:
+    add_train_args(parser, validate=False)
+
+
+def run_train(args: argparse.Namespace) -> dict:
+    from train.trainer import Trainer  # heavy imports only when training
+    return Trainer(args).fit()

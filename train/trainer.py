@@ -1,0 +1,316 @@
+"""The training loop of `-mode train|trainval`: official recipe, exact resume, DDP, per-epoch COCO evaluation.
+
+Run folder (`--output`): `last.pth` (everything needed to resume, written every `--save-every` steps and at
+each epoch end), `best.pth` (EMA weights with the best val AP, `trainval`), `metrics.jsonl` (one line per
+logging step and per evaluation). All files are written atomically, by rank 0 only.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from data.coco import CocoDetection, collate_detection
+from data.transforms import TrainTransform
+from eval.coco_eval import evaluate_coco
+from eval.evaluator import Detector, run_detection
+from model import AnchorGenerator, build_model, get_config
+from train.assign import TargetAssigner
+from train.distributed import all_agree, broadcast, cleanup, gather_lists, init_distributed
+from train.ema import ModelEMA, unwrap_model
+from train.loss import detection_loss
+from train.optim import CosineLrSchedule, build_optimizer
+from utils.atomic import atomic_open
+from utils.cli import DEFAULT_MODEL, REPO, check_download_flag, dataset_paths, resolve_device
+from utils.pretrained import resolve_pretrained
+from utils.weights import atomic_torch_save, load_weights
+
+MAX_NON_FINITE_IN_A_ROW = 5
+# Flags that define a run: --resume must be given the same ones.
+RUN_FLAGS = ("model", "image_size", "batch_size", "epochs", "lr", "warmup_epochs", "weight_decay", "clip_norm",
+             "ema_decay", "label_smoothing", "jitter", "assigner", "amp", "seed")
+
+
+class Trainer:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.dist, self.device = init_distributed(resolve_device(args.device))
+        self.validate = hasattr(args, "eval_every")
+        self.output = Path(args.output or f"runs/{args.model or DEFAULT_MODEL}")
+        self.model_name = args.model or DEFAULT_MODEL
+        torch.manual_seed(args.seed)
+
+        ann, images = dataset_paths(args, "train")
+        self.image_size = args.image_size or get_config(self.model_name).image_size
+        self.train_set = CocoDetection(ann, images, train=True, image_size=self.image_size, seed=args.seed,
+                                       transform=TrainTransform(self.image_size, *args.jitter))
+        if self.validate:
+            ann, images = dataset_paths(args, "val")
+            self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size)
+        self.model = build_model(self.model_name, num_classes=self.train_set.num_classes).to(self.device)
+        self._load_initial_weights()
+        if args.sync_bn and self.dist.enabled:
+            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+
+        per_rank = len(self.train_set) // self.dist.world_size
+        self.steps_per_epoch = per_rank // args.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"--batch-size {args.batch_size}: the training set has {len(self.train_set)} images, "
+                             f"fewer than one batch per process ({self.dist.world_size} process(es))")
+        global_batch = args.batch_size * self.dist.world_size
+        self.lr = args.lr if args.lr is not None else 0.08 * global_batch / 64
+        total_steps = int(args.epochs * self.steps_per_epoch)
+        # The official cosine runs on `step` over `total - warmup` steps, so a warm-up that is a large share of a
+        # short run would send the rate to 0 mid-run and back up: keep it within a tenth of the run.
+        warmup = min(args.warmup_epochs, args.epochs / 10)
+        if warmup < args.warmup_epochs:
+            self._say(f"note: warm-up shortened to {warmup:g} epochs (a tenth of this {args.epochs:g}-epoch run)")
+        self.schedule = CosineLrSchedule(self.lr, int(warmup * self.steps_per_epoch), total_steps)
+        self.total_steps = total_steps
+        self.optimizer = build_optimizer(self.model, self.lr, weight_decay=args.weight_decay,
+                                         clip_norm=args.clip_norm or None)
+        self.scheduler = self.schedule.scheduler(self.optimizer)
+        self.ema = ModelEMA(self.model, args.ema_decay)
+        cuda_fp16 = args.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_fp16)
+        self.amp_dtype = (torch.float16 if cuda_fp16 else torch.bfloat16) if args.amp else None
+        generator = AnchorGenerator.from_config(self.model.config)
+        self.assigner = TargetAssigner.from_generator(generator, (self.image_size, self.image_size), self.device,
+                                                      method=args.assigner)
+        self.step, self.epoch, self.best_ap, self.non_finite = 0, 0, -1.0, 0
+        self.start_time = time.perf_counter()
+        self._prepare_run_folder()
+        torch.manual_seed(args.seed + self.dist.rank)  # drop-connect differs per rank, init did not
+        if args.resume:
+            self._resume()
+        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index]
+                                                    if self.device.type == "cuda" else None)
+                            if self.dist.enabled else self.model)
+
+    # ---------------------------------------------------------------- set-up
+    def _load_initial_weights(self) -> None:
+        args = self.args
+        check_download_flag(args)
+        if args.backbone_weights:
+            state, _ = load_weights(args.backbone_weights)
+            state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("fpn.", "class_net.",
+                                                                                                   "box_net."))}
+            self.model.backbone.load_state_dict(state)
+            self._say(f"backbone initialised from {args.backbone_weights}")
+            return
+        if not (args.pretrained or args.weights):
+            return
+        path = (resolve_pretrained(self.model_name, REPO / "weights", args.download) if args.pretrained
+                else Path(args.weights))
+        state, meta = load_weights(path)
+        if meta.get("model_name") not in (None, self.model_name):
+            raise ValueError(f"--weights {path}: holds {meta['model_name']} weights, not {self.model_name}")
+        own = self.model.state_dict()
+        differ = [k for k in state if k in own and state[k].shape != own[k].shape]
+        if differ and not all(k.startswith("class_net.predict.conv_pw") for k in differ):
+            raise ValueError(f"--weights {path}: shapes differ from {self.model_name} at {', '.join(differ[:4])}")
+        for k in differ:  # another number of classes: keep the fresh prior-initialised class predictor
+            state[k] = own[k]
+        self.model.load_state_dict(state)
+        self._say(f"initialised from {path}" + (f"; class-prediction layer re-initialised for "
+                                                 f"{self.train_set.num_classes} classes" if differ else ""))
+
+    def _prepare_run_folder(self) -> None:
+        last = self.output / "last.pth"
+        if last.exists() and not self.args.resume:
+            raise FileExistsError(f"--output {self.output}: already holds a run (last.pth); use --resume to "
+                                  f"continue it or choose another --output")
+        if self.args.resume and not last.exists():
+            raise FileNotFoundError(f"--resume: {last} does not exist (nothing to resume)")
+
+    def _say(self, message: str) -> None:
+        if self.dist.is_main:
+            tqdm.write(message)
+
+    # ---------------------------------------------------------------- checkpoints
+    def _meta(self) -> dict:
+        return {"model_name": self.model_name, "num_classes": self.train_set.num_classes,
+                "class_names": self.train_set.class_names, "class_to_category": self.train_set.class_to_category,
+                "image_size": self.image_size}
+
+    def save_last(self) -> None:
+        if not self.dist.is_main:
+            return
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()}
+        atomic_torch_save({**self._meta(), "config": config, "state_dict": unwrap_model(self.model).state_dict(),
+                           "ema_state_dict": self.ema.module.state_dict(), "ema_updates": self.ema.num_updates,
+                           "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                           "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
+                           "best_ap": self.best_ap, "non_finite": self.non_finite, "rng": rng},
+                          self.output / "last.pth")
+
+    def _resume(self) -> None:
+        ckpt = torch.load(self.output / "last.pth", map_location=self.device, weights_only=True)
+        changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} -> {getattr(self.args, k)}" for k in RUN_FLAGS
+                   if _plain(ckpt["config"].get(k)) != _plain(getattr(self.args, k))]
+        if changed:
+            raise ValueError(f"--resume {self.output}: the run was started with other flags: {'; '.join(changed)}")
+        unwrap_model(self.model).load_state_dict(ckpt["state_dict"])
+        self.ema.module.load_state_dict(ckpt["ema_state_dict"])
+        self.ema.num_updates = ckpt["ema_updates"]
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.step, self.epoch, self.best_ap, self.non_finite = (ckpt["step"], ckpt["epoch"], ckpt["best_ap"],
+                                                                ckpt["non_finite"])
+        torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+        if self.dist.is_main:  # forget what was logged after the checkpoint: those steps are redone
+            _truncate_metrics(self.output / "metrics.jsonl", self.step)
+        self._say(f"resumed {self.output} at step {self.step} (epoch {self.epoch + 1})")
+
+    # ---------------------------------------------------------------- training
+    def _loader(self, epoch: int) -> DataLoader:
+        """This rank's batches of `epoch`, in a per-epoch seeded order, minus those done before a resume."""
+        order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.train_set))
+        per_rank = len(self.train_set) // self.dist.world_size
+        mine = order[self.dist.rank::self.dist.world_size][:per_rank][: self.steps_per_epoch * self.args.batch_size]
+        done = (self.step - epoch * self.steps_per_epoch) * self.args.batch_size
+        self.train_set.set_epoch(epoch)
+        return DataLoader(Subset(self.train_set, mine[done:].tolist()), batch_size=self.args.batch_size,
+                          num_workers=self.args.workers, collate_fn=collate_detection, drop_last=True,
+                          pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(self.args.seed))  # keeps the global RNG untouched
+
+    def train_step(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> dict | None:
+        """One optimisation step; returns the losses, or None when the loss was not finite (step skipped)."""
+        targets = self.assigner(gt_boxes, gt_classes)
+        autocast = (torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with autocast:
+            cls_outs, box_outs = self.train_model(images)
+        losses = detection_loss(cls_outs, box_outs, targets.cls_targets, targets.box_targets, targets.num_positives,
+                                label_smoothing=self.args.label_smoothing)
+        if not all_agree(bool(torch.isfinite(losses["loss"])), self.dist, self.device):
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.ema.update(self.model)
+        return {k: float(v.detach()) for k, v in losses.items()}
+
+    def fit(self, max_steps: int | None = None) -> dict:
+        """Train to the end (or for `max_steps` more steps, then save and stop). Returns the last metrics."""
+        stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
+        self._say(f"training {self.model_name} on {len(self.train_set)} images ({self.train_set.num_classes} classes)"
+                  f" at {self.image_size} px: {self.total_steps} steps of {self.args.batch_size} x "
+                  f"{self.dist.world_size} images, lr {self.lr:g}, {self.args.assigner} assignment -> {self.output}")
+        last = {}
+        in_a_row = 0
+        try:
+            while self.step < stop_at:
+                self.epoch = self.step // self.steps_per_epoch
+                bar = tqdm(total=self.steps_per_epoch, initial=self.step - self.epoch * self.steps_per_epoch,
+                           desc=f"epoch {self.epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}",
+                           disable=not self.dist.is_main, dynamic_ncols=True)
+                failed = seen = 0
+                tick, tick_step = time.perf_counter(), self.step
+                for batch in self._loader(self.epoch):
+                    images, t = batch
+                    failed, seen = failed + t["num_failed"], seen + len(images) + t["num_failed"]
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    losses = self.train_step(images.to(self.device, non_blocking=True), t["gt_boxes"].to(self.device),
+                                             t["gt_classes"].to(self.device))
+                    if losses is None:
+                        self.non_finite, in_a_row = self.non_finite + 1, in_a_row + 1
+                        if in_a_row > MAX_NON_FINITE_IN_A_ROW:
+                            raise RuntimeError(f"loss not finite for {in_a_row} steps in a row (step {self.step}); "
+                                               f"lower --lr or check the data")
+                        continue
+                    in_a_row = 0
+                    self.step += 1
+                    bar.update(1)
+                    rate = (self.step - tick_step) * self.args.batch_size * self.dist.world_size / (
+                        time.perf_counter() - tick)
+                    eta = (stop_at - self.step) * self.args.batch_size * self.dist.world_size / max(rate, 1e-9)
+                    last = {"loss": losses["loss"], "cls_loss": losses["cls_loss"], "box_loss": losses["box_loss"],
+                            "lr": lr, "img_per_s": rate}
+                    bar.set_postfix(loss=f"{losses['loss']:.4f}", cls=f"{losses['cls_loss']:.4f}",
+                                    box=f"{losses['box_loss']:.5f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
+                                    eta=_hms(eta))
+                    if self.step % self.args.log_every == 0 or self.step == stop_at:
+                        self._log({"type": "train", "epoch": self.epoch + 1, "step": self.step, **last,
+                                   "num_positives": losses["num_positives"], "non_finite_skipped": self.non_finite})
+                    epoch_done = self.step % self.steps_per_epoch == 0
+                    if epoch_done and self.validate and ((self.epoch + 1) % self.args.eval_every == 0
+                                                         or self.step == self.total_steps):
+                        last.update(self.evaluate())
+                    if self.step % self.args.save_every == 0 or epoch_done or self.step == stop_at:
+                        self.save_last()
+                    if self.step == stop_at:
+                        break
+                bar.close()
+                self.train_set.check_failures(failed, seen)
+        finally:
+            cleanup(self.dist)
+        self._say(f"done: step {self.step}/{self.total_steps} in {_hms(time.perf_counter() - self.start_time)}"
+                  + (f", best AP {self.best_ap:.4f}" if self.validate else ""))
+        return last
+
+    # ---------------------------------------------------------------- evaluation and logging
+    def evaluate(self) -> dict:
+        """COCO AP of the EMA weights on the val set (images sharded over ranks); keeps best.pth."""
+        detector = Detector(self.ema.module, self.ema.module.config, self.image_size, "eval", self.args.val_nms)
+        results, run = run_detection(detector, self.val_set, self.args.batch_size, self.args.workers, self.device,
+                                     self.args.val_max_images, self.dist.rank, self.dist.world_size,
+                                     progress=self.dist.is_main)
+        results = gather_lists(results, self.dist)
+        stats = None
+        if self.dist.is_main:
+            count = min(self.args.val_max_images or len(self.val_set), len(self.val_set))
+            stats = evaluate_coco(self.val_set.coco, results, self.val_set.image_ids[:count])
+        stats = broadcast(stats, self.dist)
+        improved = stats["AP"] > self.best_ap
+        self.best_ap = max(self.best_ap, stats["AP"])
+        if improved and self.dist.is_main:
+            atomic_torch_save({**self._meta(), "ema_state_dict": self.ema.module.state_dict(), "step": self.step,
+                               "epoch": self.epoch + 1, "stats": stats}, self.output / "best.pth")
+        self._log({"type": "eval", "epoch": self.epoch + 1, "step": self.step, **stats, "best_AP": self.best_ap})
+        self._say(f"epoch {self.epoch + 1}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}"
+                  f"  (best {self.best_ap:.4f}, {run['img_per_s']:.1f} img/s)")
+        return {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+    def _log(self, record: dict) -> None:
+        if self.dist.is_main:
+            self.output.mkdir(parents=True, exist_ok=True)
+            with open(self.output / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}) + "\n")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    if not path.exists():
+        return
+    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    with atomic_open(path, "w") as f:
+        f.write("".join(line + "\n" for line in lines))
