@@ -25,6 +25,7 @@ from data.transforms import TrainTransform
 from eval.coco_eval import evaluate_coco
 from eval.evaluator import Detector, run_detection
 from model import AnchorGenerator, build_model, get_config
+from model.efficientdet import check_image_size
 from train.assign import TargetAssigner
 from train.distributed import all_agree, broadcast, cleanup, gather_lists, init_distributed
 from train.ema import ModelEMA, unwrap_model
@@ -52,6 +53,7 @@ class Trainer:
 
         ann, images = dataset_paths(args, "train")
         self.image_size = args.image_size or get_config(self.model_name).image_size
+        check_image_size(self.image_size, self.image_size, get_config(self.model_name).size_divisor, "--image-size")
         self.train_set = CocoDetection(ann, images, train=True, image_size=self.image_size, seed=args.seed,
                                        transform=TrainTransform(self.image_size, *args.jitter))
         if self.validate:

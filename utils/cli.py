@@ -8,6 +8,7 @@ import torch
 
 from data.coco import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
 from model import VARIANTS, EfficientDet, build_model
+from model.efficientdet import check_image_size
 from utils.pretrained import resolve_pretrained
 from utils.weights import load_weights
 
@@ -100,6 +101,7 @@ def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
         raise ValueError(f"--weights {path}: does not fit {name} with {num_classes} classes: "
                          f"{str(e).splitlines()[0]}") from e
     image_size = args.image_size or meta.get("image_size") or VARIANTS[name].image_size
+    check_image_size(image_size, image_size, VARIANTS[name].size_divisor, "--image-size")
     names, categories = meta.get("class_names"), meta.get("class_to_category")
     if names is None and num_classes == COCO_NUM_CLASSES:  # official checkpoints: COCO's 90-id label space
         names = [COCO_CATEGORY_NAMES.get(c + 1, f"unused_{c + 1}") for c in range(COCO_NUM_CLASSES)]
