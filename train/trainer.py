@@ -134,6 +134,8 @@ class Trainer:
                                   f"continue it or choose another --output")
         if self.args.resume and not last.exists():
             raise FileNotFoundError(f"--resume: {last} does not exist (nothing to resume)")
+        if not self.args.resume and self.dist.is_main:  # a run killed before its first checkpoint left this
+            (self.output / "metrics.jsonl").unlink(missing_ok=True)
 
     def _say(self, message: str) -> None:
         if self.dist.is_main:
