@@ -71,6 +71,24 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_gro
     """
     if method not in ("soft", "hard"):
         raise ValueError(f"nms method {method!r}: expected 'soft' or 'hard'")
+    if method == "soft":
+        survivors = scores > score_threshold
+        count = int(survivors.sum(1).max()) if scores.numel() else 0
+        if count < scores.shape[1]:
+            # Boxes at or below the threshold are never selected: run on the others only (a trained model
+            # leaves few), kept in their original order so that ties still go to the lowest index.
+            idx = torch.where(survivors, scores, -torch.inf).topk(count, dim=1).indices.sort(1).values
+            sel, rk = _greedy_nms(boxes.gather(1, idx[..., None].expand(*idx.shape, 4)), scores.gather(1, idx),
+                                  groups.gather(1, idx), num_groups, max_per_group, method, sigma, score_threshold,
+                                  iou_threshold)
+            selected = torch.zeros_like(scores).scatter_(1, idx, sel)
+            return selected, torch.full_like(groups, max_per_group).scatter_(1, idx, rk)
+    return _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold,
+                       iou_threshold)
+
+
+def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold, iou_threshold):
+    """The loop of `nms`, on all the candidates it is given."""
     n, k = scores.shape
     active = scores > score_threshold if method == "soft" else torch.ones_like(scores, dtype=torch.bool)
     current = torch.where(active, scores, -torch.inf)
@@ -143,10 +161,31 @@ def eval_candidates(logits: torch.Tensor, deltas: torch.Tensor, anchors: torch.T
     """Official pre-NMS of the "eval" path: the top-k (anchor, class) pairs by logit, flattened as
     `anchor * C + class`, with their decoded boxes. Shapes `[N, k, 4]`, `[N, k]`, `[N, k]`."""
     n, num_anchors, num_classes = logits.shape
-    top_logits, flat = logits.reshape(n, -1).topk(min(k, num_anchors * num_classes), dim=1)
+    top_logits, flat = _top_pairs(logits, min(k, num_anchors * num_classes))
     anchor_idx, classes = flat // num_classes, flat % num_classes
     boxes = BoxCoder().decode(deltas.gather(1, anchor_idx[..., None].expand(*flat.shape, 4)), anchors[anchor_idx])
     return boxes, torch.sigmoid(top_logits), classes
+
+
+def _top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`topk(k)` of `logits [N, A, C]` flattened to `[N, A * C]`, without sorting all A * C values.
+
+    The k-th best of the per-anchor maxima is a lower bound of the k-th best pair (those k anchors each have a
+    pair at least that high), so only the pairs at or above it can be in the top k: a few thousand of the
+    millions (D0: 49,104 x 90), which makes this ~10x faster than one big topk on the CPU.
+    """
+    n, num_anchors, _ = logits.shape
+    flat = logits.reshape(n, -1)
+    if k > num_anchors:
+        return flat.topk(k, dim=1)
+    bound = logits.amax(-1).topk(k, dim=1).values[:, -1:]  # [N, 1]
+    values, indices = [], []
+    for row, b in zip(flat, bound):
+        candidates = (row >= b).nonzero().squeeze(1)
+        top = row[candidates].topk(k)
+        values.append(top.values)
+        indices.append(candidates[top.indices])
+    return torch.stack(values), torch.stack(indices)
 
 
 def select_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.Tensor, image_scales: torch.Tensor,
