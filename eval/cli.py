@@ -6,7 +6,8 @@ from pathlib import Path
 
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
-from eval.evaluator import PRECISIONS, Detector, evaluate
+from eval.evaluator import Detector, evaluate
+from model.inference import PRECISIONS
 from utils.atomic import write_json
 from utils.cli import (add_data_args, add_model_args, add_runtime_args, add_weights_args, dataset_paths,
                        load_detector, resolve_device)
@@ -20,7 +21,10 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", choices=["soft", "hard"], default="soft",
                         help="soft: the official evaluation (per-class gaussian soft-NMS); hard: IoU-0.5 NMS")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first K images")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="network precision")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (falls back to eager with a warning if it fails)")
     parser.add_argument("--output", default=None,
                         help="folder for detections_val.json and metrics_val.json (default runs/eval-<model>)")
 
@@ -41,7 +45,7 @@ def run_eval(args: argparse.Namespace) -> dict:
     ann, images = dataset_paths(args, "val")
     dataset = CocoDetection(ann, images, train=False, image_size=info["image_size"])
     check_label_space(info, dataset)
-    detector = Detector(model.to(device).eval(), model.config, info["image_size"], "eval", args.nms, args.precision)
+    detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile)
     print(f"evaluating {info['model_name']} ({info['source']}) on {ann}: "
           f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS")
     stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images)

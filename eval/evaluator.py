@@ -4,7 +4,6 @@ Shared by `-mode eval` and the per-epoch validation of `-mode trainval` (which s
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -14,35 +13,30 @@ from tqdm import tqdm
 
 from data.coco import CocoDetection, collate_detection
 from eval.coco_eval import detections_to_coco, evaluate_coco
-from model import AnchorGenerator
+from model import AnchorGenerator, EfficientDet
+from model.inference import prepare_for_inference
 from model.postprocess import Detections, postprocess
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
 
 class Detector(nn.Module):
     """Model + anchors + post-processing: `forward(images [N, 3, S, S], scales [N]) -> Detections`.
 
     mode "eval" (official COCO path, per-class NMS over the top-5000) or "infer" (best class per anchor,
-    class-agnostic NMS, boxes clipped); nms "soft" (official gaussian) or "hard" (IoU 0.5). `precision`
-    "bf16"/"fp16" runs the network under autocast; post-processing always runs in float32.
+    class-agnostic NMS, boxes clipped); nms "soft" (official gaussian) or "hard" (IoU 0.5). The network runs
+    as `prepare_for_inference` makes it (BN folded, fused kernels, `precision` "fp32"/"bf16"/"fp16",
+    optionally `torch.compile`d); post-processing always runs in float32.
     """
 
-    def __init__(self, model: nn.Module, config, image_size: int, mode: str = "eval", nms: str = "soft",
-                 precision: str = "fp32"):
+    def __init__(self, model: EfficientDet, image_size: int, mode: str = "eval", nms: str = "soft",
+                 precision: str = "fp32", compile: bool = False):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
-        self.model, self.mode, self.nms, self.precision = model, mode, nms, precision
+        self.model = prepare_for_inference(model, precision, compile=compile)
+        self.mode, self.nms = mode, nms
         self.image_size = (image_size, image_size)
-        self.anchors = AnchorGenerator.from_config(config)
+        self.anchors = AnchorGenerator.from_config(model.config)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
-        dtype = PRECISIONS[self.precision]
-        autocast = torch.autocast(images.device.type, dtype) if dtype else contextlib.nullcontext()
-        with autocast:
-            cls_outs, box_outs = self.model(images)
+        cls_outs, box_outs = self.model(images)
         anchors = self.anchors(self.image_size, images.device)
         return postprocess(cls_outs, box_outs, anchors, scales, self.image_size, self.mode, self.nms)
 

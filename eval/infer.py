@@ -10,7 +10,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data.transforms import preprocess_for_eval
-from eval.evaluator import PRECISIONS, Detector
+from eval.evaluator import Detector
+from model.inference import PRECISIONS
 from utils.atomic import atomic_open, write_json
 from utils.cli import add_model_args, add_weights_args, load_detector, resolve_device
 
@@ -26,7 +27,10 @@ def add_infer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", choices=["hard", "soft"], default="hard",
                         help="hard: IoU-0.5 NMS (official image CLI); soft: official gaussian soft-NMS")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="network precision")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (falls back to eager with a warning if it fails)")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
 
 
@@ -84,7 +88,7 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     model, info = load_detector(args)
     names = info["class_names"] or [f"class_{c}" for c in range(info["num_classes"])]
     categories = info["class_to_category"] or list(range(1, info["num_classes"] + 1))
-    detector = Detector(model.to(device).eval(), model.config, info["image_size"], "infer", args.nms, args.precision)
+    detector = Detector(model.to(device).eval(), info["image_size"], "infer", args.nms, args.precision, args.compile)
     files = list_images(args.images)
     output = Path(args.output)
     out_names = _output_names(files)

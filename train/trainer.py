@@ -276,7 +276,7 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation and logging
     def evaluate(self) -> dict:
         """COCO AP of the EMA weights on the val set (images sharded over ranks); keeps best.pth."""
-        detector = Detector(self.ema.module, self.ema.module.config, self.image_size, "eval", self.args.val_nms)
+        detector = Detector(self.ema.module, self.image_size, "eval", self.args.val_nms)
         results, run = run_detection(detector, self.val_set, self.args.batch_size, self.args.workers, self.device,
                                      self.args.val_max_images, self.dist.rank, self.dist.world_size,
                                      progress=self.dist.is_main)
