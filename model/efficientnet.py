@@ -10,21 +10,35 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EFFICIENTNET_BLOCKS, EfficientNetConfig
-from .layers import Conv2dSame, batch_norm, drop_connect, init_efficientnet_conv_
+from .layers import (Conv2dSame, batch_norm, bn_swish, drop_connect, init_efficientnet_conv_,
+                     squeeze_excite_project)
 
 
 class SqueezeExcite(nn.Module):
-    """Spatial mean -> 1x1 (+bias) -> swish -> 1x1 (+bias) -> sigmoid gate. `[N, C, H, W]` in and out."""
+    """1x1 (+bias) -> swish -> 1x1 (+bias) -> sigmoid: spatial mean `[N, C, 1, 1]` -> gate `[N, C, 1, 1]`.
+
+    The block pools, gates and projects in `squeeze_excite_project`.
+    """
 
     def __init__(self, channels: int, reduced_channels: int):
         super().__init__()
         self.conv_reduce = nn.Conv2d(channels, reduced_channels, 1)
         self.conv_expand = nn.Conv2d(reduced_channels, channels, 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        s = self.conv_expand(F.silu(self.conv_reduce(s)))
-        return x * torch.sigmoid(s)
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.conv_expand(F.silu(self.conv_reduce(pooled))))
+
+
+class Stem(nn.Module):
+    """Conv 3x3/2 (TF 'SAME', no bias) -> BN -> swish: `[N, 3, H, W] -> [N, C, H / 2, W / 2]`."""
+
+    def __init__(self, out_channels: int):
+        super().__init__()
+        self.conv = Conv2dSame(3, out_channels, 3, 2, bias=False)
+        self.bn = batch_norm(out_channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return bn_swish(self.bn, self.conv(images))
 
 
 class MBConvBlock(nn.Module):
@@ -54,9 +68,9 @@ class MBConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = x
         if self.expand:
-            out = F.silu(self.bn_expand(self.conv_expand(out)))
-        out = F.silu(self.bn_dw(self.conv_dw(out)))
-        out = self.bn_project(self.conv_project(self.se(out)))
+            out = bn_swish(self.bn_expand, self.conv_expand(out))
+        out = bn_swish(self.bn_dw, self.conv_dw(out))
+        out = self.bn_project(squeeze_excite_project(out, self.se, self.conv_project.weight))
         if self.residual:
             # survival_prob 0.0 means "no drop-connect" in the official code (B0 in EfficientDet).
             if self.survival_prob:
@@ -75,11 +89,7 @@ class EfficientNet(nn.Module):
     def __init__(self, config: EfficientNetConfig):
         super().__init__()
         self.config = config
-        stem_out = config.round_filters(config.stem_filters)
-        self.stem = nn.Sequential()
-        self.stem.add_module("conv", Conv2dSame(3, stem_out, 3, 2, bias=False))
-        self.stem.add_module("bn", batch_norm(stem_out))
-        self.stem.add_module("act", nn.SiLU())
+        self.stem = Stem(config.round_filters(config.stem_filters))
 
         stages = []
         for args in EFFICIENTNET_BLOCKS:

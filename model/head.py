@@ -4,10 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .layers import SeparableConv2d, batch_norm, init_variance_scaling_
+from .layers import SeparableConv2d, batch_norm, bn_swish, init_variance_scaling_
 
 
 class HeadNet(nn.Module):
@@ -41,6 +40,6 @@ class HeadNet(nn.Module):
         outputs = []
         for level, x in enumerate(features):
             for conv, bns in zip(self.convs, self.bns):
-                x = F.silu(bns[level](conv(x)))
+                x = bn_swish(bns[level], conv(x))
             outputs.append(self.predict(x))
         return outputs

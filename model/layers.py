@@ -40,6 +40,11 @@ class Conv2dSame(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asym_pad is not None:
             x = F.pad(x, self.asym_pad)
+        if (self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                and torch.is_grad_enabled()):
+            # oneDNN's bf16 depthwise backward is several times slower than its fp32 one (5x5: ~6x).
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
         return super().forward(x)
 
 
@@ -82,6 +87,63 @@ class SeparableConv2d(nn.Module):
 def batch_norm(channels: int) -> nn.BatchNorm2d:
     """BatchNorm with the official eps 1e-3 and TF momentum 0.99 (PyTorch momentum 0.01)."""
     return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+class _BatchNormSwish(torch.autograd.Function):
+    """swish(batch_norm(x)) in training mode, keeping only x for backward.
+
+    Composed of modules, autograd would keep x (for BN), the BN output (for swish) and hand the swish output
+    to the next layer: the BN output is one activation-sized tensor per BN-swish pair that is cheap to
+    recompute from x and the batch statistics. Same running-statistics update as nn.BatchNorm2d.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
+        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.eps = eps
+        return F.silu(y, inplace=True)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        # The BN output again, by the eval kernel fed the batch statistics (var = invstd^-2 - eps).
+        y = torch.batch_norm(x, weight, bias, mean, invstd.pow(-2) - ctx.eps, False, 0.0, ctx.eps, False)
+        grad_y = torch.ops.aten.silu_backward(grad_out, y)
+        del y
+        grads = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True,
+                                                          ctx.eps, list(ctx.needs_input_grad[:3]))
+        return (*grads, None, None, None, None)
+
+
+def bn_swish(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """`swish(bn(x))`, `[N, C, H, W]` in and out; when training with autograd, with `_BatchNormSwish`."""
+    # SyncBatchNorm (--sync-bn) must go through its own module to synchronise the batch statistics.
+    if not (type(bn) is nn.BatchNorm2d and bn.training and torch.is_grad_enabled()):
+        return F.silu(bn(x))
+    bn.num_batches_tracked.add_(1)
+    return _BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+
+
+def squeeze_excite_project(x: torch.Tensor, se: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """`conv1x1(x * se(mean_hw(x)))` without bias: `x [N, C, H, W]`, `se`: `[N, C, 1, 1]` pooled -> gate of the
+    same shape, `weight [O, C, 1, 1]` -> `[N, O, H, W]` (x's memory format).
+
+    When autograd records: one batched matmul with the gate folded into per-image weights, so the gated
+    activation is never made and autograd keeps x alone instead of x and x * gate; and the mean is taken
+    from the matmul's view of x, so that autograd adds its gradient into the matmul's in place instead of
+    allocating their sum. Otherwise the plain op order, whose float32 rounding the parity tests pin.
+    """
+    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+        return F.conv2d(x * se(x.mean((2, 3), keepdim=True)), weight)
+    n, c, h, w = x.shape
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    flat = x.permute(0, 2, 3, 1).reshape(n, h * w, c) if nhwc else x.reshape(n, c, h * w)
+    gate = se(flat.mean(1 if nhwc else 2).view(n, c, 1, 1)).view(n, 1, c)
+    weights = weight.flatten(1)[None] * gate  # [N, O, C]
+    if nhwc:
+        return torch.bmm(flat, weights.transpose(1, 2)).view(n, h, w, -1).permute(0, 3, 1, 2)
+    return torch.bmm(weights, flat).view(n, -1, h, w)
 
 
 def drop_connect(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:

@@ -1,0 +1,237 @@
+"""The fast inference paths (`model.inference.prepare_for_inference`) compute what the plain model computes.
+
+Small inputs (128 px and non-square) and non-trivial weights: a fresh model has identity BNs and zero
+biases, which would let a wrong fold or a lost bias pass unnoticed.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+from conftest import record_delta
+from model import build_model
+from model import inference
+from model.inference import FusedEfficientDet, prepare_for_inference
+from utils.port_tf import load_tf_state_dict
+
+TOL = 1e-4  # issue 5: fused / channels_last / compiled outputs equal the plain model's within 1e-4
+
+
+def _randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and t.dim() == 1:
+                r = torch.rand(t.shape, generator=g)
+                if name.endswith("running_var"):
+                    t.copy_(0.5 + 1.5 * r)
+                elif name.endswith("weight") or name.endswith("edge_weights"):
+                    t.copy_(0.5 + r)
+                else:
+                    t.copy_(0.4 * (r - 0.5))
+    return model.eval()
+
+
+def _max_delta(outputs, expected) -> float:
+    pairs = list(zip(outputs[0] + outputs[1], expected[0] + expected[1]))
+    assert all(a.shape == b.shape for a, b in pairs)
+    return max(float((a.float() - b).abs().max()) for a, b in pairs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return _randomise_(build_model("efficientdet-d0"))
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(2, 3, 128, 256, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def expected(model, images):
+    with torch.no_grad():
+        return model(images)
+
+
+def test_fused_fp32_equals_plain(model, images, expected):
+    fused = prepare_for_inference(model)
+    assert isinstance(fused, FusedEfficientDet)
+    assert _max_delta(fused(images), expected) <= TOL
+
+
+def test_fused_generic_path_equals_plain(model, images, expected, monkeypatch):
+    """Where oneDNN is not used (CUDA, other builds) the same module runs F.conv2d + F.silu."""
+    fused = prepare_for_inference(model)
+    monkeypatch.setattr(inference, "_onednn", lambda x: False)
+    monkeypatch.setattr(inference, "GEMM_MAX_PIXELS", 0)
+    assert _max_delta(fused(images), expected) <= TOL
+    assert _max_delta(fused(images.contiguous(memory_format=torch.channels_last)), expected) <= TOL
+
+
+def test_unfused_channels_last_equals_plain(model, images, expected):
+    module = prepare_for_inference(model, fuse=False, channels_last=True)
+    assert _max_delta(module(images), expected) <= TOL
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_bf16_runs_and_is_close(model, images, expected, fuse):
+    outputs = prepare_for_inference(model, "bf16", fuse=fuse)(images)
+    assert all(o.dtype == torch.float32 for o in outputs[0] + outputs[1])
+    for a, b in zip(outputs[0] + outputs[1], expected[0] + expected[1]):
+        # bf16 keeps 8 bits of mantissa: errors of a few % of the output range, far from a wrong layer.
+        assert float((a - b).abs().max()) <= 0.05 * float(b.abs().max())
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
+
+
+@pytest.mark.parametrize("overrides", [{"fpn_weight_method": "sum"}, {"max_level": 8}],
+                         ids=["sum-fusion (D6+)", "P8 (D7x)"])
+def test_fused_other_variants(overrides):
+    torch.manual_seed(0)
+    model = _randomise_(build_model("efficientdet-d0", **overrides))
+    images = torch.randn(1, 3, 256, 256)
+    with torch.no_grad():
+        expected = model(images)
+    assert _max_delta(prepare_for_inference(model)(images), expected) <= TOL
+
+
+def test_original_model_is_untouched_and_trainable(model, images):
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    prepare_for_inference(model, "bf16")
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_fused_from_ported_tf_weights(fixture_dir, input_nchw):
+    model = build_model("efficientdet-d0")
+    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
+    model.eval()
+    with torch.no_grad():
+        expected = model(input_nchw)
+    outputs = prepare_for_inference(model)(input_nchw)
+    for name, out, ref in (("cls", outputs[0], expected[0]), ("box", outputs[1], expected[1])):
+        for level, (a, b) in enumerate(zip(out, ref), start=3):
+            assert record_delta(f"fused vs plain {name} P{level}", a, b.numpy(), TOL) <= TOL
+
+
+def test_input_checks_as_plain(model):
+    with pytest.raises(ValueError, match="multiples of 128"):
+        prepare_for_inference(model)(torch.zeros(1, 3, 100, 128))
+
+
+def test_compile_failure_falls_back_to_eager(model, images, expected, monkeypatch):
+    def broken(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("no compiler")
+        return run
+    monkeypatch.setattr(torch, "compile", broken)
+    module = prepare_for_inference(model, compile=True)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        outputs = module(images)
+    assert _max_delta(outputs, expected) <= TOL
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, then eager without retrying
+        module(images)
+
+
+@pytest.mark.skipif(not os.environ.get("TEST_TORCH_COMPILE"),
+                    reason="torch.compile of the detector takes minutes on a 2-core CPU; set TEST_TORCH_COMPILE=1")
+def test_compiled_equals_plain(model, images, expected):
+    assert _max_delta(prepare_for_inference(model, compile=True)(images), expected) <= TOL
+
+
+# --- training-time levers in the model itself (same values and gradients as the plain composition) ---
+
+def _saved_bytes(fn, *args) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while running fn(*args)."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(*args)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bn_swish_matches_modules_and_saves_less(channels_last):
+    from model.layers import batch_norm, bn_swish
+    torch.manual_seed(0)
+    bn, ref_bn = batch_norm(8), batch_norm(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+    ref_bn.load_state_dict(bn.state_dict())
+    x = torch.randn(4, 8, 16, 16)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    grad = torch.randn_like(x)
+    y1, y2 = bn_swish(bn, x1), torch.nn.functional.silu(ref_bn(x2))
+    (y1 * grad).sum().backward()
+    (y2 * grad).sum().backward()
+    assert torch.allclose(y1, y2, atol=1e-6)
+    for a, b in ((x1.grad, x2.grad), (bn.weight.grad, ref_bn.weight.grad), (bn.bias.grad, ref_bn.bias.grad)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    for k, v in ref_bn.state_dict().items():  # running statistics and num_batches_tracked updated alike
+        assert torch.allclose(bn.state_dict()[k].float(), v.float())
+    saved = _saved_bytes(lambda t: bn_swish(bn, t), x1)
+    assert saved < _saved_bytes(lambda t: torch.nn.functional.silu(ref_bn(t)), x2) * 0.6
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_squeeze_excite_project_matches_plain_and_saves_less(channels_last):
+    from model.efficientnet import SqueezeExcite
+    from model.layers import squeeze_excite_project
+    torch.manual_seed(0)
+    se, weight = SqueezeExcite(16, 4), torch.randn(8, 16, 1, 1, requires_grad=True)
+    x = torch.randn(2, 16, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+
+    def plain(t):
+        return torch.nn.functional.conv2d(t * se(t.mean((2, 3), keepdim=True)), weight)
+    y = squeeze_excite_project(x, se, weight)
+    grads = torch.autograd.grad(y.square().sum(), [x, weight, *se.parameters()])
+    y_ref = plain(x)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x, weight, *se.parameters()])
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert torch.allclose(y, y_ref, atol=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(grads, grads_ref))
+    assert _saved_bytes(squeeze_excite_project, x, se, weight) < _saved_bytes(plain, x)
+
+
+def test_depthwise_conv_runs_in_fp32_under_cpu_autocast():
+    """oneDNN's bf16 depthwise backward is much slower than fp32: autocast training keeps them in fp32."""
+    from model.layers import Conv2dSame
+    conv = Conv2dSame(8, 8, 5, 2, groups=8, bias=False)
+    x = torch.randn(2, 8, 16, 16, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = conv(x)
+        with torch.no_grad():
+            y_eval = conv(x)
+    assert y.dtype == torch.float32 and y_eval.dtype == torch.bfloat16
+    y.sum().backward()
+    assert conv.weight.grad.dtype == torch.float32
+
+
+def test_training_step_channels_last_matches_nchw():
+    torch.manual_seed(0)
+    model = _randomise_(build_model("efficientdet-d0")).train()
+    import copy
+    cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    images = torch.randn(2, 3, 128, 128)
+    grads = []
+    for m, x in ((model, images), (cl_model, images.contiguous(memory_format=torch.channels_last))):
+        cls_outs, box_outs = m(x)
+        sum(o.square().mean() for o in cls_outs + box_outs).backward()
+        grads.append({k: p.grad for k, p in m.named_parameters()})
+    for k in grads[0]:
+        scale = float(grads[0][k].abs().max()) + 1e-6
+        assert float((grads[0][k] - grads[1][k]).abs().max()) <= 1e-3 * scale, k
