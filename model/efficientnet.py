@@ -118,10 +118,16 @@ class EfficientNet(nn.Module):
                 init_efficientnet_conv_(m)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(images)
-        features = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.tap_indices:
-                features.append(x)
-        return features
+        return run_tapped(self.stem, self.blocks, self.tap_indices, images)
+
+
+def run_tapped(stem: nn.Module, blocks: nn.ModuleList, tap_indices: list[int], images: torch.Tensor
+               ) -> list[torch.Tensor]:
+    """Stem then blocks, returning the outputs of the blocks in `tap_indices` (shared with the fused copy)."""
+    x = stem(images)
+    features = []
+    for i, block in enumerate(blocks):
+        x = block(x)
+        if i in tap_indices:
+            features.append(x)
+    return features

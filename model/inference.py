@@ -28,7 +28,7 @@ from torch import nn
 
 from .bifpn import FUSION_EPS, BiFPN, FNode, ResampleFeatureMap
 from .efficientdet import EfficientDet, check_image_size
-from .efficientnet import EfficientNet, MBConvBlock
+from .efficientnet import EfficientNet, MBConvBlock, run_tapped
 from .head import HeadNet
 from .layers import Conv2dSame, MaxPool2dSame
 
@@ -178,13 +178,7 @@ class FusedEfficientNet(nn.Module):
         self.tap_biases = [self.blocks[i].output_bias for i in self.tap_indices]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.stem(x)
-        features = []
-        for i, block in enumerate(self.blocks):
-            x = block(x)
-            if i in self.tap_indices:
-                features.append(x)
-        return features
+        return run_tapped(self.stem, self.blocks, self.tap_indices, x)
 
 
 class FusedResample(nn.Module):
