@@ -101,6 +101,8 @@ def _build(spec: dict):
     from train.loss import detection_loss
     from train.optim import build_optimizer
     model.train()
+    if spec["side"] == "ours" and spec["grad_checkpointing"]:
+        model.set_grad_checkpointing(True)
     if spec["side"] == "ours" and not spec["no_channels_last"]:
         model = model.to(memory_format=torch.channels_last)
         images = images.contiguous(memory_format=torch.channels_last)
@@ -191,7 +193,7 @@ class Worker:
 def run_cell(args, variant: str, mode: str, precision: str, batch: int, peer: bool) -> dict:
     base = {"variant": variant, "mode": mode, "batch": batch, "size": args.size, "threads": args.threads,
             "seed": args.seed, "warmup": args.warmup, "no_fuse": args.no_fuse, "compile": args.compile,
-            "no_channels_last": args.no_channels_last}
+            "no_channels_last": args.no_channels_last, "grad_checkpointing": args.grad_checkpointing}
     specs = [{**base, "side": "ours", "precision": precision}]
     if peer:
         specs.append({**base, "side": "effdet",
@@ -230,6 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--no-fuse", action="store_true", help="ours: plain module instead of the fused one")
     parser.add_argument("--no-channels-last", action="store_true", help="ours: NCHW (unfused infer, train)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile (infer)")
+    parser.add_argument("--grad-checkpointing", action="store_true", help="ours: recompute activations (train)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:

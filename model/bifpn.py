@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EfficientDetConfig
-from .layers import MaxPool2dSame, SeparableConv2d, batch_norm, init_glorot_uniform_
+from .layers import MaxPool2dSame, SeparableConv2d, batch_norm, checkpointed, init_glorot_uniform_
 
 FUSION_EPS = 1e-4  # official fast-attention epsilon
 
@@ -146,6 +146,7 @@ class BiFPN(nn.Module):
             BiFPNCell(widths if i == 0 else [c] * config.num_levels, config.min_level, config.max_level, c,
                       config.fpn_weight_method)
             for i in range(config.fpn_cell_repeats))
+        self.grad_checkpointing = False  # see EfficientDet.set_grad_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -162,6 +163,7 @@ class BiFPN(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         feats = self.add_extra_levels(features)
+        checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
         for cell in self.cells:
-            feats = cell(feats)
+            feats = checkpointed(cell, *feats, as_list=True) if checkpoint else cell(feats)
         return feats

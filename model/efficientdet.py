@@ -44,6 +44,12 @@ class EfficientDet(nn.Module):
         self.class_net = HeadNet(*head_args, config.num_classes, prior_probability=CLASS_PRIOR_PROBABILITY)
         self.box_net = HeadNet(*head_args, 4)
 
+    def set_grad_checkpointing(self, enabled: bool = True) -> "EfficientDet":
+        """Training memory for time: backbone blocks and BiFPN cells keep only their inputs for backward and
+        run their forward again there (`layers.checkpointed`; BN running statistics still updated once)."""
+        self.backbone.grad_checkpointing = self.fpn.grad_checkpointing = enabled
+        return self
+
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")

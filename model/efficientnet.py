@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EFFICIENTNET_BLOCKS, EfficientNetConfig
-from .layers import (Conv2dSame, batch_norm, bn_swish, drop_connect, init_efficientnet_conv_,
+from .layers import (Conv2dSame, batch_norm, bn_swish, checkpointed, drop_connect, init_efficientnet_conv_,
                      squeeze_excite_project)
 
 
@@ -110,6 +110,7 @@ class EfficientNet(nn.Module):
         taps = [i for i in range(n) if i == n - 1 or stages[i + 1][3] > 1]
         self.tap_indices = taps[-3:]
         self.out_channels = [stages[i][1] for i in self.tap_indices]
+        self.grad_checkpointing = False  # see EfficientDet.set_grad_checkpointing
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -118,16 +119,20 @@ class EfficientNet(nn.Module):
                 init_efficientnet_conv_(m)
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return run_tapped(self.stem, self.blocks, self.tap_indices, images)
+        checkpoint = self.grad_checkpointing and self.training and torch.is_grad_enabled()
+        return run_tapped(self.stem, self.blocks, self.tap_indices, images, checkpoint)
 
 
-def run_tapped(stem: nn.Module, blocks: nn.ModuleList, tap_indices: list[int], images: torch.Tensor
-               ) -> list[torch.Tensor]:
-    """Stem then blocks, returning the outputs of the blocks in `tap_indices` (shared with the fused copy)."""
+def run_tapped(stem: nn.Module, blocks: nn.ModuleList, tap_indices: list[int], images: torch.Tensor,
+               checkpoint: bool = False) -> list[torch.Tensor]:
+    """Stem then blocks, returning the outputs of the blocks in `tap_indices` (shared with the fused copy).
+
+    checkpoint: run every block through `checkpointed` (activations recomputed in backward).
+    """
     x = stem(images)
     features = []
     for i, block in enumerate(blocks):
-        x = block(x)
+        x = checkpointed(block, x) if checkpoint else block(x)
         if i in tap_indices:
             features.append(x)
     return features

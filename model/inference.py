@@ -1,19 +1,15 @@
 """Inference-only EfficientDet: BN folded into the convs, swish fused into them, NHWC throughout.
 
-`prepare_for_inference(model)` returns a module with `EfficientDet.forward`'s signature and outputs
-(same shapes, values within float rounding; tensors come back channels_last-strided). The training model
-is not touched: folding works on copies of its weights, so it stays trainable and its state_dict unchanged.
+`prepare_for_inference(model, precision)` returns a module with `EfficientDet.forward`'s signature and
+outputs (same shapes, values within float rounding; tensors come back channels_last-strided). The
+training model is not touched: folding works on copies of its weights, so it stays trainable and its
+state_dict unchanged.
 
-What pays on CPU (measured in `benchmarks/speed.py`; every op here is memory-bound, so the levers are
-about passes over activations):
-* BN folded into the preceding conv (eval BN is an affine map per channel), so no BN pass.
-* conv + bias + swish as one oneDNN kernel (`torch.ops.mkldnn._convolution_pointwise`, the kernel that
-  `torch.compile` itself emits on CPU), so no separate swish pass. Elsewhere (CUDA, builds without
-  oneDNN) the same module runs `F.conv2d` + `F.silu`.
-* TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
-  by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
+Beyond the per-conv levers of `model.fuse`, whole-block algebra (all exact up to float rounding):
 * MBConv projection as a batched matmul on the NHWC view with the SE gate folded into per-image weights
   and the residual as the GEMM's accumulator: the gated activation is never materialised.
+* Deferred biases: a block's projection bias is not added over its whole output (a slow broadcast kernel
+  in bf16) but folded into the next 1x1 conv that reads it (`FusedMBConv`).
 * BiFPN fusion weights (constants in eval) folded into the 1x1 re-projection of their edge when there is
   one (max-pool and nearest upsampling commute with a non-negative scale), else an `add(alpha=)`.
 """
@@ -29,99 +25,11 @@ from torch import nn
 from .bifpn import FUSION_EPS, BiFPN, FNode, ResampleFeatureMap
 from .efficientdet import EfficientDet, check_image_size
 from .efficientnet import EfficientNet, MBConvBlock, run_tapped
+from .fuse import FrozenConv, fold_bn, nchw, nhwc
 from .head import HeadNet
-from .layers import Conv2dSame, MaxPool2dSame
+from .layers import MaxPool2dSame
 
-GEMM_MAX_PIXELS = 4096  # 1x1 convs on at most this many pixels (N * H * W) run as a GEMM
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def _onednn(x: torch.Tensor) -> bool:
-    # Under torch.compile the plain ops are traced instead: inductor (with freezing) packs the weights
-    # and fuses conv + swish into the same oneDNN kernel itself.
-    return (x.device.type == "cpu" and torch.backends.mkldnn.is_available()
-            and not torch.compiler.is_compiling())
-
-
-def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None, scale: float = 1.0,
-            input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scale * bn(conv(x + input_bias))` as one conv on x: `(weight [O, I, kh, kw], bias [O])`, in float64.
-
-    `input_bias [I]` (a per-channel offset still owed by the producer of x) folds exactly only into a 1x1
-    conv: with zero padding a kxk conv would see it partially at the borders.
-    """
-    w = weight.detach().double()
-    b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
-    if input_bias is not None:
-        if w.shape[-2:] != (1, 1):
-            raise ValueError(f"an input bias folds only into 1x1 convs, not {tuple(w.shape[-2:])}")
-        b = b + w.flatten(1) @ input_bias.double()
-    if bn is not None:
-        g = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
-        w = w * g.view(-1, 1, 1, 1)
-        b = (b - bn.running_mean.double()) * g + bn.bias.detach().double()
-    return w * scale, b * scale
-
-
-class FrozenConv(nn.Module):
-    """Conv with fixed weights (BN folded in) and optional swish; TF 'SAME'. `[N, I, H, W] -> [N, O, H/s, W/s]`.
-
-    Asymmetric SAME padding (strided convs) is turned into symmetric padding by zero-extending the kernel
-    at the top/left, so no padded copy of the input is made.
-    """
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
-                 swish: bool, pad: tuple[int, int]):
-        super().__init__()
-        before, after = pad
-        weight = F.pad(weight, (after - before, 0, after - before, 0))
-        self.register_buffer("weight", weight.float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.float())
-        self.stride, self.padding, self.groups, self.swish = stride, after, groups, swish
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
-
-    @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, swish: bool = False,
-                  scale: float = 1.0, input_bias: torch.Tensor | None = None) -> "FrozenConv":
-        w, b = fold_bn(conv.weight, conv.bias, bn, scale, input_bias)
-        asym = isinstance(conv, Conv2dSame) and conv.asym_pad is not None
-        pad = conv.asym_pad[2:] if asym else (conv.padding[0],) * 2
-        has_bias = bn is not None or conv.bias is not None or input_bias is not None
-        return cls(w, b if has_bias else None, conv.stride[0], conv.groups, swish, pad)
-
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN's blocked weight layout, made once per dtype (it is valid for every input shape); not a
-        # buffer: an opaque MKLDNN tensor, rebuilt if the module is moved or cast.
-        if self._packed is None or self._packed[0] is not self.weight:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups, list(x.shape))
-            self._packed = (self.weight, packed)
-        return self._packed[1]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
-        if self.pointwise and n * h * w <= GEMM_MAX_PIXELS and x.is_contiguous(memory_format=torch.channels_last):
-            # Small maps: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
-            y = _nchw(F.linear(_nhwc(x), self.weight.flatten(1), self.bias), h, w)
-            return F.silu(y, inplace=True) if self.swish else y
-        if _onednn(x) and x.dtype == self.weight.dtype:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_weight(x), self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
-                "swish" if self.swish else "none", [], "")
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        return F.silu(x, inplace=True) if self.swish else x
-
-
-def _nhwc(x: torch.Tensor) -> torch.Tensor:
-    """`[N, C, H, W]` (channels_last) -> `[N, H * W, C]` view."""
-    n, c, h, w = x.shape
-    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
-
-
-def _nchw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """`[N, H * W, C]` -> `[N, C, H, W]` channels_last view."""
-    return x.view(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
 
 
 class FusedMBConv(nn.Module):
@@ -152,14 +60,14 @@ class FusedMBConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(self.expand(x) if self.expand is not None else x)
         n, c, h, w = out.shape
-        flat = _nhwc(out)
+        flat = nhwc(out)
         # Spatial mean as a GEMV: reductions over channels_last bf16 are several times slower on CPU.
         mean = torch.bmm(flat.new_full((n, 1, h * w), 1.0 / (h * w)), flat).view(n, c)
         s = F.silu(F.linear(mean, self.se_reduce_weight, self.se_reduce_bias))
         gate = torch.sigmoid(F.linear(s, self.se_expand_weight, self.se_expand_bias)).view(n, c, 1)
         weight = gate * self.project_weight  # [N, C_mid, C_out]: x * gate @ W == x @ (gate * W)
-        y = torch.baddbmm(_nhwc(x), flat, weight) if self.residual else torch.bmm(flat, weight)
-        return _nchw(y, h, w)
+        y = torch.baddbmm(nhwc(x), flat, weight) if self.residual else torch.bmm(flat, weight)
+        return nchw(y, h, w)
 
 
 class FusedEfficientNet(nn.Module):
@@ -218,17 +126,18 @@ class FusedFNode(nn.Module):
             w = F.relu(node.edge_weights.detach().double())
             weights = (w / (w.sum() + FUSION_EPS)).tolist()
         self.resample = nn.ModuleList(FusedResample(*args) for args in zip(node.resample, weights, input_biases))
+        # Sum from a term whose scale is already folded in: one pass then makes the (private) accumulator.
+        self.order = sorted(range(n), key=lambda i: self.resample[i].scale != 1.0)
         self.dw = FrozenConv.from_conv(node.conv.conv_dw)
         self.pw = FrozenConv.from_conv(node.conv.conv_pw, node.bn)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        terms = [(resample(x), resample.scale) for resample, x in zip(self.resample, inputs)]
-        # Start from a term whose scale is already folded in: one pass makes the (private) accumulator.
-        terms.sort(key=lambda t: t[1] != 1.0)
-        (base, s0), (x1, s1) = terms[:2]
-        out = torch.add(base if s0 == 1.0 else base * s0, x1, alpha=s1)
-        for x, s in terms[2:]:
-            out.add_(x, alpha=s)
+        first, second, *rest = self.order
+        base, s0 = self.resample[first](inputs[first]), self.resample[first].scale
+        out = torch.add(base if s0 == 1.0 else base * s0, self.resample[second](inputs[second]),
+                        alpha=self.resample[second].scale)
+        for i in rest:
+            out.add_(self.resample[i](inputs[i]), alpha=self.resample[i].scale)
         return self.pw(self.dw(F.silu(out, inplace=True)))
 
 
@@ -240,10 +149,12 @@ class FusedBiFPN(nn.Module):
         self.extra_levels = nn.ModuleList(
             FusedResample(r, input_bias=input_biases[-1] if i == 0 else None) for i, r in enumerate(fpn.extra_levels))
         # Only the first cell reads the backbone taps (offsets < len(input_biases)).
-        owed = lambda offsets, cell: [input_biases[i] if cell == 0 and i < len(input_biases) else None
-                                      for i in offsets]
-        self.cells = nn.ModuleList(nn.ModuleList(FusedFNode(n, owed(offsets, c)) for n, offsets in
-                                                 zip(cell.nodes, cell.inputs)) for c, cell in enumerate(fpn.cells))
+        first = [[input_biases[i] if i < len(input_biases) else None for i in offsets]
+                 for offsets in fpn.cells[0].inputs]
+        self.cells = nn.ModuleList(
+            nn.ModuleList(FusedFNode(node, first[j] if c == 0 else [None] * len(offsets))
+                          for j, (node, offsets) in enumerate(zip(cell.nodes, cell.inputs)))
+            for c, cell in enumerate(fpn.cells))
         self.inputs = [cell.inputs for cell in fpn.cells]
         self.outputs = [cell.outputs for cell in fpn.cells]
 
@@ -353,8 +264,9 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     fuse: BN folding and fused kernels (`FusedEfficientDet`, always NHWC); False keeps the plain module
         (eval mode, autocast for bf16/fp16), which is mainly useful to measure what fusing buys.
     channels_last: NHWC memory layout for the unfused module (the fused one always is).
-    compile: also `torch.compile` the result (falls back to eager with a warning where it fails). On the
-        2-core CPU measured in `benchmarks/speed.py` it takes minutes to compile and is not faster.
+    compile: also `torch.compile` the result (inductor with freezing; falls back to eager with a warning
+        where it fails). On the 2-core CPU of `benchmarks/speed.py` it compiles for ~2 minutes and then runs
+        10-20 % slower than the eager fused module, so it is off by default.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")

@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .config import BN_EPS, BN_MOMENTUM
@@ -144,6 +145,32 @@ def squeeze_excite_project(x: torch.Tensor, se: nn.Module, weight: torch.Tensor)
     if nhwc:
         return torch.bmm(flat, weights.transpose(1, 2)).view(n, h, w, -1).permute(0, 3, 1, 2)
     return torch.bmm(weights, flat).view(n, -1, h, w)
+
+
+def checkpointed(module: nn.Module, *inputs: torch.Tensor, as_list: bool = False):
+    """`module(*inputs)` (`module(list(inputs))` if as_list) keeping none of its activations for backward:
+    they are recomputed there.
+
+    Trades one more forward of `module` for memory (large variants). The recomputation must not update
+    the BN running statistics a second time, so they are put back after it.
+    """
+    calls = 0
+
+    def run(*args):
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return module(list(args)) if as_list else module(*args)
+        bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
+        try:
+            return module(list(args)) if as_list else module(*args)
+        finally:  # also when checkpoint stops the recomputation early (once it has what backward needs)
+            with torch.no_grad():
+                for m, values in zip(bns, saved):
+                    for t, v in zip((m.running_mean, m.running_var, m.num_batches_tracked), values):
+                        t.copy_(v)
+    return torch.utils.checkpoint.checkpoint(run, *inputs, use_reentrant=False)
 
 
 def drop_connect(x: torch.Tensor, survival_prob: float, training: bool) -> torch.Tensor:

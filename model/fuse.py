@@ -1,0 +1,109 @@
+"""Frozen-weight building blocks of the inference copy (`model.inference`): BN folding and fast convs.
+
+What pays on CPU (measured in `benchmarks/speed.py`; most ops here are memory-bound, so the levers are
+about passes over activations and per-call overheads):
+* BN folded into the preceding conv (eval BN is an affine map per channel): no BN pass.
+* conv + bias + swish as one oneDNN kernel (`torch.ops.mkldnn._convolution_pointwise`, the kernel that
+  `torch.compile` itself emits on CPU) with its weight pre-packed once: no separate swish pass. Elsewhere
+  (CUDA, builds without oneDNN, under torch.compile) the same module runs `F.conv2d` + `F.silu`.
+* 1x1 convs on small maps as a GEMM: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
+* TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
+  by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Conv2dSame
+
+GEMM_MAX_PIXELS = 4096  # 1x1 convs on at most this many pixels (N * H * W) run as a GEMM
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def _onednn(x: torch.Tensor) -> bool:
+    # Under torch.compile the plain ops are traced instead: inductor (with freezing) packs the weights
+    # and fuses conv + swish into the same oneDNN kernel itself.
+    return not torch.compiler.is_compiling() and _HAS_ONEDNN and x.device.type == "cpu"
+
+
+def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None, scale: float = 1.0,
+            input_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scale * bn(conv(x + input_bias))` as one conv on x: `(weight [O, I, kh, kw], bias [O])`, in float64.
+
+    `input_bias [I]` (a per-channel offset still owed by the producer of x) folds exactly only into a 1x1
+    conv: with zero padding a kxk conv would see it partially at the borders.
+    """
+    w = weight.detach().double()
+    b = bias.detach().double() if bias is not None else torch.zeros(w.shape[0], dtype=torch.float64)
+    if input_bias is not None:
+        if w.shape[-2:] != (1, 1):
+            raise ValueError(f"an input bias folds only into 1x1 convs, not {tuple(w.shape[-2:])}")
+        b = b + w.flatten(1) @ input_bias.double()
+    if bn is not None:
+        g = bn.weight.detach().double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w = w * g.view(-1, 1, 1, 1)
+        b = (b - bn.running_mean.double()) * g + bn.bias.detach().double()
+    return w * scale, b * scale
+
+
+class FrozenConv(nn.Module):
+    """Conv with fixed weights (BN folded in) and optional swish; TF 'SAME'. `[N, I, H, W] -> [N, O, H/s, W/s]`.
+
+    Asymmetric SAME padding (strided convs) is turned into symmetric padding by zero-extending the kernel
+    at the top/left, so no padded copy of the input is made.
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
+                 swish: bool, pad: tuple[int, int]):
+        super().__init__()
+        before, after = pad
+        weight = F.pad(weight, (after - before, 0, after - before, 0))
+        self.register_buffer("weight", weight.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.float())
+        self.stride, self.padding, self.groups, self.swish = stride, after, groups, swish
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, swish: bool = False,
+                  scale: float = 1.0, input_bias: torch.Tensor | None = None) -> "FrozenConv":
+        w, b = fold_bn(conv.weight, conv.bias, bn, scale, input_bias)
+        asym = isinstance(conv, Conv2dSame) and conv.asym_pad is not None
+        pad = conv.asym_pad[2:] if asym else (conv.padding[0],) * 2
+        has_bias = bn is not None or conv.bias is not None or input_bias is not None
+        return cls(w, b if has_bias else None, conv.stride[0], conv.groups, swish, pad)
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
+        # oneDNN's blocked weight layout, made once per dtype (it is valid for every input shape); not a
+        # buffer: an opaque MKLDNN tensor, rebuilt if the module is moved or cast.
+        if self._packed is None or self._packed[0] is not self.weight:
+            packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups, list(x.shape))
+            self._packed = (self.weight, packed)
+        return self._packed[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        if self.pointwise and n * h * w <= GEMM_MAX_PIXELS and x.is_contiguous(memory_format=torch.channels_last):
+            # Small maps: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
+            y = nchw(F.linear(nhwc(x), self.weight.flatten(1), self.bias), h, w)
+            return F.silu(y, inplace=True) if self.swish else y
+        if _onednn(x) and x.dtype == self.weight.dtype:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self._packed_weight(x), self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
+                "swish" if self.swish else "none", [], "")
+        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+        return F.silu(x, inplace=True) if self.swish else x
+
+
+def nhwc(x: torch.Tensor) -> torch.Tensor:
+    """`[N, C, H, W]` (channels_last) -> `[N, H * W, C]` view."""
+    n, c, h, w = x.shape
+    return x.permute(0, 2, 3, 1).reshape(n, h * w, c)
+
+
+def nchw(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """`[N, H * W, C]` -> `[N, C, H, W]` channels_last view."""
+    return x.view(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
