@@ -9,8 +9,9 @@ RSS is its own (`ru_maxrss` of the worker: Python + torch + model + activations)
 model and warm up, then the parent asks them for one timed step at a time, alternating which side goes
 first, so that a noisy neighbour slows both sides alike; the table shows the median of `--runs` steps.
 
-* infer: ours is `model.inference.prepare_for_inference(model, precision)`; effdet runs its plain model in
-  eval mode. Both under `torch.inference_mode()`. The network only (no post-processing).
+* infer: network + post-processing, under `torch.inference_mode()`. Ours: `prepare_for_inference(model,
+  precision)` then `model.postprocess` as `-mode infer` runs it (best class per anchor, top-5000, hard NMS,
+  top-100); effdet: `DetBenchPredict` (its anchors decode, top-5000, batched hard NMS, top-100).
 * train: forward, `train.loss.detection_loss`, backward, `train.optim.build_optimizer`'s step (official L2,
   clipping, momentum SGD), `train.ema.ModelEMA.update`, on both sides; targets assigned once beforehand.
   bf16 = `torch.autocast("cpu", torch.bfloat16)` around the forward, as `train/trainer.py` does.
@@ -82,18 +83,27 @@ def _build(spec: dict):
     dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
 
     if spec["mode"] == "infer":
-        if spec["side"] == "ours":
-            from model.inference import prepare_for_inference
-            module = prepare_for_inference(model.eval(), spec["precision"], fuse=not spec["no_fuse"],
-                                           channels_last=not spec["no_channels_last"], compile=spec["compile"])
-            del model  # a deployment keeps only the prepared module; the delta check rebuilds the original
-        else:
-            module = model.eval()
-        autocast = dtype is not None and spec["side"] == "effdet"
+        if spec["side"] == "effdet":
+            from effdet import DetBenchPredict
+            bench = DetBenchPredict(model).eval()  # network, anchors decode, top-5000, batched hard NMS
 
-        def step():
-            with torch.inference_mode(), torch.autocast("cpu", dtype or torch.bfloat16, enabled=autocast):
-                return module(images)
+            def step():
+                with torch.inference_mode(), torch.autocast("cpu", dtype or torch.bfloat16, enabled=bool(dtype)):
+                    return bench(images)
+            return step, images, None
+        from model.inference import prepare_for_inference
+        from model.postprocess import postprocess
+        module = prepare_for_inference(model.eval(), spec["precision"], fuse=not spec["no_fuse"],
+                                       channels_last=not spec["no_channels_last"], compile=spec["compile"])
+        del model  # a deployment keeps only the prepared module; the delta check rebuilds the original
+        anchors = AnchorGenerator.from_config(get_config(name))((size, size))
+        scales = torch.ones(spec["batch"])
+
+        def step():  # -> head outputs, after running the `-mode infer` post-processing on them
+            with torch.inference_mode():
+                outputs = module(images)
+                postprocess(*outputs, anchors, scales, (size, size), mode="infer", method="hard")
+            return outputs
         return step, images, None
 
     from train.assign import TargetAssigner

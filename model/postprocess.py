@@ -71,6 +71,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_gro
     """
     if method not in ("soft", "hard"):
         raise ValueError(f"nms method {method!r}: expected 'soft' or 'hard'")
+    if method == "hard":
+        return _hard_nms(boxes, scores, groups, max_per_group, iou_threshold)
     if method == "soft":
         survivors = scores > score_threshold
         count = int(survivors.sum(1).max()) if scores.numel() else 0
@@ -85,6 +87,50 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_gro
             return selected, torch.full_like(groups, max_per_group).scatter_(1, idx, rk)
     return _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold,
                        iou_threshold)
+
+
+def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int = 1024):
+    """Hard NMS with `nms`'s contract, through torchvision's C++ greedy loop on a prefix of the candidates.
+
+    Greedy NMS decides each box from the boxes before it in score order only, so on the `m` best candidates
+    it makes exactly the decisions it makes on all of them. Once that prefix yields `max_per_group` selections
+    (class-agnostic) or `max_per_group` in total (per group: the rows `_top_selected` keeps are then all
+    among them), later candidates cannot matter; otherwise the prefix grows. The infer path has one
+    candidate per anchor (D0 512: 49,104), so this is what makes it cheap. Order as TF's queue: descending
+    score, ties to the lowest index (forced through a strictly decreasing rank). Groups are kept apart by
+    shifting each group's boxes by `group * span` along both axes (no box of one group meets another's).
+    """
+    import torchvision  # C++ NMS kernel; imported here so that the model package loads without it
+
+    n, k = scores.shape
+    selected_scores = torch.zeros_like(scores)
+    rank = torch.full((n, k), max_per_group, dtype=torch.long, device=scores.device)
+    if k == 0:
+        return selected_scores, rank
+    span = float(boxes.abs().amax()) * 2 + 1
+    shifted = boxes.float() + groups[..., None].float() * span
+    for i in range(n):
+        m = min(prefix, k)
+        while True:
+            # The m best and every candidate tied with the m-th (never cut between equal scores, whose
+            # order is decided by index), in index order, then stably by descending score.
+            cand = (scores[i] >= scores[i].topk(m, sorted=False).values.min()).nonzero().squeeze(1)
+            cand = cand[scores[i, cand].argsort(descending=True, stable=True)]
+            ranks = torch.arange(len(cand), 0, -1, dtype=torch.float32, device=scores.device)
+            keep = cand[torchvision.ops.nms(shifted[i, cand], ranks, iou_threshold)]
+            if m >= k or keep.numel() >= max_per_group:
+                break
+            m = min(4 * m, k)
+        # Rank within the group: position among the group's selections (a stable sort keeps their order).
+        by_group = groups[i, keep].argsort(stable=True)
+        _, counts = groups[i, keep[by_group]].unique_consecutive(return_counts=True)
+        starts = (counts.cumsum(0) - counts).repeat_interleave(counts)
+        within = torch.empty_like(keep)
+        within[by_group] = torch.arange(keep.numel(), device=keep.device) - starts
+        keep, within = keep[within < max_per_group], within[within < max_per_group]
+        selected_scores[i, keep] = scores[i, keep]
+        rank[i, keep] = within
+    return selected_scores, rank
 
 
 def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold, iou_threshold):
@@ -133,6 +179,12 @@ def _top_selected(scores: torch.Tensor, rank: torch.Tensor, groups: torch.Tensor
     """Indices `[N, D]` of the best selected rows and a validity mask, score first, then (group, rank):
     the order TF's top_k gives over per-group results concatenated group by group."""
     n, k = scores.shape
+    count = int((rank < max_per_group).sum(1).max()) if k else 0
+    if count < k // 4:  # few selections (hard NMS on one candidate per anchor): sort those only
+        rows = (rank >= max_per_group).to(torch.uint8).argsort(dim=1, stable=True)[:, :max(count, 1)]
+        idx, valid = _top_selected(scores.gather(1, rows), rank.gather(1, rows), groups.gather(1, rows),
+                                   max_per_group, max_detections)
+        return rows.gather(1, idx.clamp(max=rows.shape[1] - 1)), valid
     order = groups * (max_per_group + 1) + rank
     order = torch.where(rank < max_per_group, order, torch.iinfo(torch.long).max)
     by_group = order.argsort(dim=1, stable=True)

@@ -6,6 +6,7 @@ import torch
 
 from conftest import record_delta
 from model import AnchorGenerator, build_model, flatten_outputs
+from model import postprocess as nms_module
 from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
 from utils.port_tf import load_tf_state_dict
 
@@ -44,6 +45,33 @@ def test_hard_nms_threshold_and_groups():
     assert (rank[1] < 10).tolist() == [True, True, True]
     selected, rank = nms(boxes, scores, torch.zeros_like(groups), 1, 10, "hard")
     assert (rank[1] < 10).tolist() == [True, False, True]
+
+
+@pytest.mark.parametrize("num_groups", [1, 7])
+def test_hard_nms_prefix_equals_full_greedy_loop(num_groups, monkeypatch):
+    """`_hard_nms` (torchvision on a growing prefix) makes the same final choice as the vectorised loop over
+    all candidates: the 1500 best boxes pile up on 5 spots (so the first prefix of 1024 yields too few),
+    duplicated scores, empty boxes."""
+    import torchvision
+    g = torch.Generator().manual_seed(num_groups)
+    n, k = 3, 3000
+    centre = torch.rand(n, k, 2, generator=g) * 200
+    centre[:, :1500] = torch.rand(n, 5, 2, generator=g).repeat_interleave(300, 1) * 200 + torch.rand(n, 1500, 2)
+    size = torch.rand(n, k, 2, generator=g) * 10 + 30
+    boxes = torch.cat([centre - size / 2, centre + size / 2], -1)
+    boxes[:, 1500:1520, 2:] = boxes[:, 1500:1520, :2]  # empty boxes
+    scores = (torch.rand(n, k, generator=g) * 50).round() / 50  # many exact ties
+    scores[:, :1500] += 1
+    groups = torch.randint(0, num_groups, (n, k), generator=g)
+    calls = []
+    monkeypatch.setattr(torchvision.ops, "nms", lambda *a: calls.append(len(a[0])) or torchvision.ops.boxes.nms(*a))
+    fast = select_detections(boxes, scores, groups, torch.ones(n), per_class=num_groups > 1, method="hard")
+    assert len(calls) > n and max(calls) > 1500  # the prefix had to grow
+    full = nms_module._greedy_nms(boxes, scores, groups, num_groups, 100, "hard", 0.5, 0.001, 0.5)
+    loop = nms_module._top_selected(*full, groups, 100, 100)
+    assert torch.equal(fast.boxes, boxes.gather(1, loop[0][..., None].expand(n, 100, 4)))
+    assert torch.equal(fast.classes, groups.gather(1, loop[0]) if num_groups > 1 else fast.classes)
+    assert bool(loop[1].all()) and torch.equal(fast.num_valid, torch.full((n,), 100))
 
 
 def test_nms_ties_go_to_lowest_index_and_batches_are_independent():
