@@ -97,8 +97,9 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
     (class-agnostic) or `max_per_group` in total (per group: the rows `_top_selected` keeps are then all
     among them), later candidates cannot matter; otherwise the prefix grows. The infer path has one
     candidate per anchor (D0 512: 49,104), so this is what makes it cheap. Order as TF's queue: descending
-    score, ties to the lowest index (forced through a strictly decreasing rank). Groups are kept apart by
-    shifting each group's boxes by `group * span` along both axes (no box of one group meets another's).
+    score, ties to the lowest index (forced through a strictly decreasing rank; low-precision scores tie a
+    lot). Groups are kept apart by shifting each group's boxes by `group * span` along both axes (no box of
+    one group then meets another's).
     """
     import torchvision  # C++ NMS kernel; imported here so that the model package loads without it
 
@@ -112,10 +113,10 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
     for i in range(n):
         m = min(prefix, k)
         while True:
-            # The m best and every candidate tied with the m-th (never cut between equal scores, whose
-            # order is decided by index), in index order, then stably by descending score.
+            # The first m in TF's order (descending score, ties by index): every candidate at or above the
+            # m-th best score, in index order, stably sorted by score, then cut at m.
             cand = (scores[i] >= scores[i].topk(m, sorted=False).values.min()).nonzero().squeeze(1)
-            cand = cand[scores[i, cand].argsort(descending=True, stable=True)]
+            cand = cand[scores[i, cand].argsort(descending=True, stable=True)[:m]]
             ranks = torch.arange(len(cand), 0, -1, dtype=torch.float32, device=scores.device)
             keep = cand[torchvision.ops.nms(shifted[i, cand], ranks, iou_threshold)]
             if m >= k or keep.numel() >= max_per_group:
