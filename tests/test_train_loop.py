@@ -44,6 +44,16 @@ def test_interrupted_and_resumed_run_gives_the_same_losses(shapes, tmp_path):
     assert all(torch.equal(final_full[k], final_cut[k]) for k in final_full)
 
 
+def test_cpu_training_layout_channels_last_unless_nchw(shapes, tmp_path):
+    def layouts(trainer):
+        weight = trainer.model.backbone.stem.conv.weight
+        return weight.is_contiguous(memory_format=torch.channels_last), weight.is_contiguous()
+    assert layouts(Trainer(_args(shapes, tmp_path / "nhwc"))) == (True, False)
+    trainer = Trainer(_args(shapes, tmp_path / "nchw", "--nchw"))
+    assert layouts(trainer) == (False, True)
+    trainer.fit(max_steps=1)  # and it trains
+
+
 def test_run_folder_is_never_overwritten_and_resume_checks_flags(shapes, tmp_path):
     Trainer(_args(shapes, tmp_path / "run")).fit(max_steps=1)
     with pytest.raises(FileExistsError, match="already holds a run"):

@@ -30,6 +30,8 @@ def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
     parser.add_argument("--assigner", choices=["iou", "atss"], default="iou",
                         help="anchor assignment: iou (official ArgMax matcher, 0.5) or atss")
     parser.add_argument("--amp", action="store_true", help="mixed precision: bf16 on CPU, fp16 + GradScaler on CUDA")
+    parser.add_argument("--nchw", action="store_true",
+                        help="train in NCHW memory layout (default on CPU: channels_last, which is faster there)")
     parser.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, data order and augmentation")
     parser.add_argument("--output", default=None, help="run folder for last.pth, best.pth, metrics.jsonl "
