@@ -35,12 +35,12 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 class FusedMBConv(nn.Module):
     """Eval `MBConvBlock`: [expand+BN+swish] -> dw+BN+swish -> SE gate folded into the projection GEMM.
 
-    Deferred bias: the block returns its output minus `output_bias` (`[C_out]`, float64), which the next
-    1x1 conv folds in; the input may likewise owe `input_bias`. A residual chain passes the sum along. The
+    Deferred bias (`defer`): the block returns its output minus `output_bias` (`[C_out]`, float64), which
+    the next 1x1 conv folds in; the input may likewise owe `input_bias`. A residual chain passes the sum along. The
     projection's bias would otherwise be a broadcast add over the whole output, a slow kernel in bf16.
     """
 
-    def __init__(self, block: MBConvBlock, input_bias: torch.Tensor | None):
+    def __init__(self, block: MBConvBlock, input_bias: torch.Tensor | None, defer: bool = True):
         super().__init__()
         if input_bias is not None and not block.expand:
             raise ValueError("a deferred bias needs a 1x1 expansion conv to fold into")
@@ -55,7 +55,11 @@ class FusedMBConv(nn.Module):
         w, b = fold_bn(block.conv_project.weight, None, block.bn_project)
         self.register_buffer("project_weight", w.flatten(1).t().float().contiguous())  # [C_mid, C_out]
         self.residual = block.residual
-        self.output_bias = b + input_bias if self.residual and input_bias is not None else b
+        bias = b + input_bias if self.residual and input_bias is not None else b
+        # Not deferred when the next block has no 1x1 expansion to fold it into (B1+: the first stage's
+        # second block): then it is added here.
+        self.output_bias = bias if defer else None
+        self.register_buffer("bias", None if defer else bias.float())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(self.expand(x) if self.expand is not None else x)
@@ -67,6 +71,8 @@ class FusedMBConv(nn.Module):
         gate = torch.sigmoid(F.linear(s, self.se_expand_weight, self.se_expand_bias)).view(n, c, 1)
         weight = gate * self.project_weight  # [N, C_mid, C_out]: x * gate @ W == x @ (gate * W)
         y = torch.baddbmm(nhwc(x), flat, weight) if self.residual else torch.bmm(flat, weight)
+        if self.bias is not None:
+            y = y + self.bias
         return nchw(y, h, w)
 
 
@@ -78,8 +84,10 @@ class FusedEfficientNet(nn.Module):
         super().__init__()
         self.stem = FrozenConv.from_conv(net.stem.conv, net.stem.bn, True)
         blocks, bias = [], None
-        for block in net.blocks:
-            blocks.append(FusedMBConv(block, bias))
+        for i, block in enumerate(net.blocks):
+            # The last block's bias goes to the BiFPN; any other to the next block's expansion, if it has one.
+            defer = i + 1 == len(net.blocks) or net.blocks[i + 1].expand
+            blocks.append(FusedMBConv(block, bias, defer))
             bias = blocks[-1].output_bias
         self.blocks = nn.ModuleList(blocks)
         self.tap_indices = list(net.tap_indices)

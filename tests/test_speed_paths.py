@@ -62,6 +62,18 @@ def test_fused_fp32_equals_plain(model, images, expected):
     assert _max_delta(fused(images), expected) <= TOL
 
 
+@pytest.mark.parametrize("name", ["efficientdet-d1", "efficientdet-d3"])
+def test_fused_larger_variants_equal_plain(name):
+    """B1+ backbones start with two blocks without expansion conv (no deferred bias between them), D3's
+    BiFPN has more cells and its heads more repeats."""
+    torch.manual_seed(0)
+    plain = _randomise_(build_model(name))
+    images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = plain(images)
+    assert _max_delta(prepare_for_inference(plain)(images), expected) <= TOL
+
+
 def test_fused_generic_path_equals_plain(model, images, expected, monkeypatch):
     """Where oneDNN is not used (CUDA, other builds) the same module runs F.conv2d + F.silu."""
     fused = prepare_for_inference(model)
