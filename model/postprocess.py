@@ -109,7 +109,7 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
     if k == 0:
         return selected_scores, rank
     span = float(boxes.abs().amax()) * 2 + 1
-    shifted = boxes.float() + groups[..., None].float() * span
+    shifted = boxes.double() + groups[..., None].double() * span  # float64: shifts must not cost IoU precision
     for i in range(n):
         m = min(prefix, k)
         while True:
@@ -117,7 +117,7 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
             # m-th best score, in index order, stably sorted by score, then cut at m.
             cand = (scores[i] >= scores[i].topk(m, sorted=False).values.min()).nonzero().squeeze(1)
             cand = cand[scores[i, cand].argsort(descending=True, stable=True)[:m]]
-            ranks = torch.arange(len(cand), 0, -1, dtype=torch.float32, device=scores.device)
+            ranks = torch.arange(len(cand), 0, -1, dtype=torch.float64, device=scores.device)
             keep = cand[torchvision.ops.nms(shifted[i, cand], ranks, iou_threshold)]
             if m >= k or keep.numel() >= max_per_group:
                 break
@@ -135,7 +135,8 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
 
 
 def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold, iou_threshold):
-    """The loop of `nms`, on all the candidates it is given."""
+    """The loop of `nms`, on all the candidates it is given (soft-NMS; for hard NMS, the vectorised
+    reference that `_hard_nms` is tested against)."""
     n, k = scores.shape
     active = scores > score_threshold if method == "soft" else torch.ones_like(scores, dtype=torch.bool)
     current = torch.where(active, scores, -torch.inf)

@@ -54,6 +54,14 @@ def test_cpu_training_layout_channels_last_unless_nchw(shapes, tmp_path):
     trainer.fit(max_steps=1)  # and it trains
 
 
+def test_fractional_epochs_evaluate_the_final_weights(shapes, tmp_path):
+    args = _args(shapes, tmp_path / "run", "--val-nms", "hard", mode="trainval")
+    args.epochs = 1.5  # 4 steps per epoch: an evaluation after step 4 (epoch end) and after the last, step 6
+    Trainer(args).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["type"] == "eval"] == [4, 6]
+
+
 def test_run_folder_is_never_overwritten_and_resume_checks_flags(shapes, tmp_path):
     Trainer(_args(shapes, tmp_path / "run")).fit(max_steps=1)
     with pytest.raises(FileExistsError, match="already holds a run"):

@@ -263,8 +263,9 @@ class Trainer:
                         self._log({"type": "train", "epoch": self.epoch + 1, "step": self.step, **last,
                                    "num_positives": losses["num_positives"], "non_finite_skipped": self.non_finite})
                     epoch_done = self.step % self.steps_per_epoch == 0
-                    if epoch_done and self.validate and ((self.epoch + 1) % self.args.eval_every == 0
-                                                         or self.step == self.total_steps):
+                    # Also at the very end when --epochs ends mid-epoch, so the final weights are evaluated.
+                    if self.validate and ((epoch_done and (self.epoch + 1) % self.args.eval_every == 0)
+                                          or self.step == self.total_steps):
                         last.update(self.evaluate())
                     if self.step % self.args.save_every == 0 or epoch_done or self.step == stop_at:
                         self.save_last()
