@@ -63,7 +63,7 @@ class Trainer:
         self._load_initial_weights()
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        # NHWC trains D0 at 256 px 1.3x (fp32) to 1.7x (bf16 autocast) faster on CPU (benchmarks/speed.py);
+        # NHWC trains D0 at 256 px 1.4x (fp32) to 1.6x (bf16 autocast) faster on CPU (benchmarks/speed.py);
         # same gradients up to rounding (tests/test_speed_paths.py). Unmeasured on CUDA, so NCHW there.
         self.memory_format = (torch.channels_last if self.device.type == "cpu" and not args.nchw
                               else torch.contiguous_format)
