@@ -7,10 +7,9 @@ from pathlib import Path
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
 from eval.evaluator import Detector, evaluate
-from model.inference import PRECISIONS
 from utils.atomic import write_json
-from utils.cli import (add_data_args, add_model_args, add_runtime_args, add_weights_args, dataset_paths,
-                       load_detector, resolve_device)
+from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
+                       dataset_paths, load_detector, resolve_device)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +20,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", choices=["soft", "hard"], default="soft",
                         help="soft: the official evaluation (per-class gaussian soft-NMS); hard: IoU-0.5 NMS")
     parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first K images")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network (falls back to eager with a warning if it fails)")
+    add_inference_args(parser)
     parser.add_argument("--output", default=None,
                         help="folder for detections_val.json and metrics_val.json (default runs/eval-<model>)")
 

@@ -11,9 +11,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from data.transforms import preprocess_for_eval
 from eval.evaluator import Detector
-from model.inference import PRECISIONS
 from utils.atomic import atomic_open, write_json
-from utils.cli import add_model_args, add_weights_args, load_detector, resolve_device
+from utils.cli import add_inference_args, add_model_args, add_weights_args, load_detector, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
@@ -27,10 +26,7 @@ def add_infer_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nms", choices=["hard", "soft"], default="hard",
                         help="hard: IoU-0.5 NMS (official image CLI); soft: official gaussian soft-NMS")
     parser.add_argument("--batch-size", type=int, default=1, help="images per forward pass")
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
-    parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the network (falls back to eager with a warning if it fails)")
+    add_inference_args(parser)
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
 
 

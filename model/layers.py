@@ -156,15 +156,18 @@ def checkpointed(module: nn.Module, *inputs: torch.Tensor, as_list: bool = False
     """
     calls = 0
 
+    def call(args):
+        return module(list(args)) if as_list else module(*args)
+
     def run(*args):
         nonlocal calls
         calls += 1
         if calls == 1:
-            return module(list(args)) if as_list else module(*args)
+            return call(args)
         bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         saved = [[t.clone() for t in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in bns]
         try:
-            return module(list(args)) if as_list else module(*args)
+            return call(args)
         finally:  # also when checkpoint stops the recomputation early (once it has what backward needs)
             with torch.no_grad():
                 for m, values in zip(bns, saved):

@@ -9,6 +9,7 @@ import torch
 from data.coco import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
 from model import VARIANTS, EfficientDet, build_model
 from model.efficientdet import check_image_size
+from model.inference import PRECISIONS
 from utils.pretrained import resolve_pretrained
 from utils.weights import load_weights
 
@@ -47,6 +48,14 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per process)")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
+
+
+def add_inference_args(parser: argparse.ArgumentParser) -> None:
+    """How `-mode eval` and `-mode infer` run the network (`model.inference.prepare_for_inference`)."""
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the network (falls back to eager with a warning if it fails)")
 
 
 def resolve_device(name: str) -> torch.device:
