@@ -58,17 +58,19 @@ class EfficientDet(nn.Module):
         return self.class_net(features), self.box_net(features)
 
 
-def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-level head outputs -> `[N, sum_l H_l*W_l*A, C]` logits and `[N, ..., 4]` deltas.
+def anchor_rows(output: torch.Tensor, width: int) -> torch.Tensor:
+    """One level's head output `[N, A * width, H, W]` -> `[N, H * W * A, width]` (a view if channels_last),
+    rows in the anchor order of `AnchorGenerator` (y -> x -> anchor), since channel `a * width + k` is
+    anchor-major."""
+    return output.permute(0, 2, 3, 1).reshape(output.shape[0], -1, width)
 
-    Rows follow the anchor order of `AnchorGenerator` (level -> y -> x -> anchor), since channel
-    `a * C + c` is anchor-major.
-    """
-    n = cls_outs[0].shape[0]
+
+def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-level head outputs -> `[N, sum_l H_l*W_l*A, C]` logits and `[N, ..., 4]` deltas (`anchor_rows`
+    of every level, level after level)."""
     num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
-    cls = torch.cat([c.permute(0, 2, 3, 1).reshape(n, -1, num_classes) for c in cls_outs], 1)
-    box = torch.cat([b.permute(0, 2, 3, 1).reshape(n, -1, 4) for b in box_outs], 1)
-    return cls, box
+    return (torch.cat([anchor_rows(c, num_classes) for c in cls_outs], 1),
+            torch.cat([anchor_rows(b, 4) for b in box_outs], 1))
 
 
 def build_model(name: str, num_classes: int = 90, **overrides) -> EfficientDet:

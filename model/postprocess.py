@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .anchors import BoxCoder
-from .efficientdet import flatten_outputs
+from .efficientdet import anchor_rows, flatten_outputs
 
 MAX_DETECTION_POINTS = 5000  # official eval pre-NMS top-k
 MAX_DETECTIONS = 100
@@ -250,8 +250,20 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.
     `image_scales [N]` to original pixels. `per_class` runs NMS per class (eval path), else across classes."""
     num_groups = int(classes.max()) + 1 if per_class and classes.numel() else 1
     groups = classes if per_class else torch.zeros_like(classes)
+    idx, valid, scores_at = _select(boxes, scores, groups, num_groups, method, max_detections)
+    return _detections(boxes, scores_at, classes.gather(1, idx), idx, valid, image_scales, clip_size)
+
+
+def _select(boxes, scores, groups, num_groups, method, max_detections):
+    """NMS, then the best rows: indices `[N, D]` into the candidates, validity `[N, D]`, their NMS scores."""
     selected, rank = nms(boxes, scores, groups, num_groups, max_detections, method)
     idx, valid = _top_selected(selected, rank, groups, max_detections, max_detections)
+    return idx, valid, selected.gather(1, idx)
+
+
+def _detections(boxes, scores, classes, idx, valid, image_scales, clip_size) -> Detections:
+    """`Detections` from the selected rows `idx [N, D]` of `boxes [N, K, 4]` (their `scores`, `classes`
+    `[N, D]`), invalid rows zeroed, boxes clipped to `clip_size` and scaled to original pixels."""
     out_boxes = boxes.gather(1, idx[..., None].expand(*idx.shape, 4))
     if clip_size is not None:
         limit = out_boxes.new_tensor([clip_size[0], clip_size[1], clip_size[0], clip_size[1]])
@@ -260,8 +272,8 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.
     zeros = torch.zeros_like
     return Detections(
         boxes=torch.where(valid[..., None], out_boxes, zeros(out_boxes)),
-        scores=torch.where(valid, selected.gather(1, idx), zeros(idx, dtype=selected.dtype)),
-        classes=torch.where(valid, classes.gather(1, idx), zeros(idx)),
+        scores=torch.where(valid, scores, zeros(scores)),
+        classes=torch.where(valid, classes, zeros(classes)),
         num_valid=valid.sum(1),
     )
 
@@ -273,15 +285,42 @@ def postprocess(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor], anch
 
     anchors `[A, 4]` yxyx network px (from `AnchorGenerator`); image_scales `[N]` original px per network
     px (`1 / resize scale`); image_size (H, W) of the network input (the "infer" path clips to it).
+    Outputs of any float dtype and memory layout; scores and boxes are computed in float32.
     """
-    logits, deltas = flatten_outputs(cls_outs, box_outs)
-    logits, deltas = logits.float(), deltas.float()
     if mode == "infer":
-        candidates = infer_candidates(logits, deltas, anchors)
-        return select_detections(*candidates, image_scales, per_class=False, method=method, clip_size=image_size,
-                                 max_detections=max_detections)
+        return _postprocess_infer(cls_outs, box_outs, anchors, image_scales, image_size, method, max_detections)
     if mode == "eval":
-        candidates = eval_candidates(logits, deltas, anchors)
+        logits, deltas = flatten_outputs(cls_outs, box_outs)
+        candidates = eval_candidates(logits.float(), deltas.float(), anchors)
         return select_detections(*candidates, image_scales, per_class=True, method=method,
                                  max_detections=max_detections)
     raise ValueError(f"post-processing mode {mode!r}: expected 'infer' or 'eval'")
+
+
+def _postprocess_infer(cls_outs, box_outs, anchors, image_scales, image_size, method, max_detections):
+    """`infer_candidates` + `select_detections` without concatenating the logits (`[N, A, C]`, 4.4 M values
+    per D0 image): the best logit of every anchor is reduced level by level, and the class (argmax) is
+    found only for the selected anchors. Same detections, several times faster on the CPU."""
+    num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+    levels = [anchor_rows(c, num_classes) for c in cls_outs]
+    # float before amax: a bf16 reduction over the last dim is ~5x slower on CPU (and max-with-indices 5x more)
+    best_logit = torch.cat([level.float().amax(-1) for level in levels], 1)  # [N, A]
+    deltas = torch.cat([anchor_rows(b, 4) for b in box_outs], 1).float()
+    boxes = BoxCoder().decode(deltas, anchors)
+    groups = torch.zeros(best_logit.shape, dtype=torch.long, device=best_logit.device)
+    idx, valid, scores = _select(boxes, torch.sigmoid(best_logit), groups, 1, method, max_detections)
+    return _detections(boxes, scores, _best_class(levels, idx), idx, valid, image_scales, image_size)
+
+
+def _best_class(levels: list[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
+    """Argmax class (first on ties, like `tf.math.argmax`) of the anchors `idx [N, D]` (indices over all
+    levels) from the per-level logits `levels[l] [N, A_l, C]`."""
+    classes, start = torch.zeros_like(idx), 0
+    for level in levels:
+        count = level.shape[1]
+        inside = (idx >= start) & (idx < start + count)
+        local = (idx - start).clamp(0, count - 1)
+        rows = level.gather(1, local[..., None].expand(*idx.shape, level.shape[2]))
+        classes = torch.where(inside, rows.float().argmax(-1), classes)
+        start += count
+    return classes

@@ -188,3 +188,31 @@ def test_infer_path_end_to_end(head_outputs, anchors, ref, method, prefix):
         else:
             assert abs(scores[i] - ref_scores[i]) <= 5e-3, i
     assert in_place >= n - 5
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "bf16"])
+@pytest.mark.parametrize("method", ["soft", "hard"])
+def test_infer_path_equals_candidates_then_selection(layout, method):
+    """`postprocess(mode="infer")` reduces the logits level by level and finds classes only for the selected
+    anchors; it must give exactly `select_detections(infer_candidates(...))` on the concatenated outputs, for
+    any layout and dtype, with tied best logits (argmax: first class) and plenty of overlapping boxes."""
+    g = torch.Generator().manual_seed(0)
+    num_anchors, num_classes, sizes = 9, 6, [(16, 16), (8, 8), (4, 4)]
+    cls_outs = [torch.randn(2, num_anchors * num_classes, h, w, generator=g).round(decimals=1) for h, w in sizes]
+    box_outs = [0.3 * torch.randn(2, num_anchors * 4, h, w, generator=g) for h, w in sizes]
+    if layout != "nchw":
+        cls_outs = [c.contiguous(memory_format=torch.channels_last) for c in cls_outs]
+        box_outs = [b.contiguous(memory_format=torch.channels_last) for b in box_outs]
+    if layout == "bf16":
+        cls_outs, box_outs = [c.bfloat16() for c in cls_outs], [b.bfloat16() for b in box_outs]
+    config = build_model("efficientdet-d0", num_classes=num_classes, min_level=3, max_level=5).config
+    anchors = AnchorGenerator.from_config(config)((128, 128))
+    scales = torch.tensor([1.0, 2.5])
+    dets = postprocess(cls_outs, box_outs, anchors, scales, (128, 128), mode="infer", method=method)
+    logits, deltas = flatten_outputs(cls_outs, box_outs)
+    assert (logits.float().topk(2, -1).values.diff(dim=-1) == 0).any()  # the case of ties is exercised
+    expected = select_detections(*infer_candidates(logits.float(), deltas.float(), anchors), scales,
+                                 per_class=False, method=method, clip_size=(128, 128))
+    assert int(dets.num_valid.min()) > 10
+    for name in ("boxes", "scores", "classes", "num_valid"):
+        assert torch.equal(getattr(dets, name), getattr(expected, name)), name
