@@ -158,6 +158,10 @@ def _max_delta(spec: dict, step, images, model) -> float:
 
 def worker(spec: dict) -> None:
     """Line protocol on stdin/stdout: after "ready", each "step" -> {"time"}; "finish" -> {"rss_mb", "delta"}."""
+    if spec["malloc"] == "reuse":
+        from utils.allocator import reuse_freed_memory
+        if not reuse_freed_memory():
+            raise RuntimeError("--malloc reuse needs glibc (Linux)")
     import torch
     torch.set_num_threads(spec["threads"])
     step, images, model = _build(spec)
@@ -204,9 +208,9 @@ def run_cell(args, variant: str, mode: str, precision: str, batch: int, peer: bo
     base = {"variant": variant, "mode": mode, "batch": batch, "size": args.size, "threads": args.threads,
             "seed": args.seed, "warmup": args.warmup, "no_fuse": args.no_fuse, "compile": args.compile,
             "no_channels_last": args.no_channels_last, "grad_checkpointing": args.grad_checkpointing}
-    specs = [{**base, "side": "ours", "precision": precision}]
+    specs = [{**base, "side": "ours", "precision": precision, "malloc": args.malloc}]
     if peer:
-        specs.append({**base, "side": "effdet",
+        specs.append({**base, "side": "effdet", "malloc": args.peer_malloc,
                       "precision": precision if args.peer_precision == "same" else "fp32"})
     # Workers start one after the other: two model builds and warm-ups at once would time each other.
     workers = []
@@ -239,6 +243,11 @@ def main(argv=None) -> None:
     parser.add_argument("--no-peer", action="store_true", help="run this repo's side only")
     parser.add_argument("--peer-precision", choices=["fp32", "same"], default="fp32",
                         help="effdet in fp32 (default) or in the row's precision (autocast)")
+    parser.add_argument("--malloc", choices=["reuse", "system"], default="reuse",
+                        help="ours: keep freed memory for reuse as main.py does (utils/allocator.py), or glibc's "
+                             "defaults (main.py --system-malloc)")
+    parser.add_argument("--peer-malloc", choices=["system", "reuse"], default="system",
+                        help="effdet: glibc's defaults (as effdet runs; default) or the same allocator setting")
     parser.add_argument("--no-fuse", action="store_true", help="ours: plain module instead of the fused one")
     parser.add_argument("--no-channels-last", action="store_true", help="ours: NCHW (unfused infer, train)")
     parser.add_argument("--compile", action="store_true", help="ours: torch.compile (infer)")
