@@ -50,18 +50,20 @@ def test_focal_loss_label_smoothing_hand_values():
     assert got != pytest.approx(focal_loss_sum(logits, torch.tensor([[0]])).item(), rel=1e-3)
 
 
-@pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_focal_loss_equals_official_formula_and_gradient(smoothing):
+@pytest.mark.parametrize("smoothing, gamma", [(0.0, 1.5), (0.1, 1.5), (0.0, 2.0), (0.1, 0.7)])
+def test_focal_loss_equals_official_formula_and_gradient(smoothing, gamma):
+    """gamma 1.5 (official) runs as x * sqrt(x), any other through pow: both must be the official formula."""
     g = torch.Generator().manual_seed(0)
     x = (torch.randn(2, 30, 5, generator=g, dtype=torch.float64) * 4).requires_grad_()
     targets = torch.randint(-2, 5, (2, 30), generator=g)  # positives, background and ignored anchors
-    ours = _SigmoidFocalLoss.apply(x, targets, 0.25, 1.5, smoothing)
-    official = _official_focal(x, targets, smoothing=smoothing)
+    ours = _SigmoidFocalLoss.apply(x, targets, 0.25, gamma, smoothing)
+    official = _official_focal(x, targets, gamma=gamma, smoothing=smoothing)
     assert ours.item() == pytest.approx(official.item(), rel=1e-12)
     (g_ours,), (g_official,) = torch.autograd.grad(ours, x), torch.autograd.grad(official, x)
     assert torch.allclose(g_ours, g_official, rtol=1e-10, atol=1e-14)
     small, small_targets = x[:1, :6].detach().clone().requires_grad_(), targets[:1, :6]
-    assert torch.autograd.gradcheck(lambda z: _SigmoidFocalLoss.apply(z, small_targets, 0.25, 1.5, smoothing), (small,))
+    assert torch.autograd.gradcheck(lambda z: _SigmoidFocalLoss.apply(z, small_targets, 0.25, gamma, smoothing),
+                                    (small,))
 
 
 def test_ignored_anchors_contribute_nothing():

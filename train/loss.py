@@ -31,6 +31,12 @@ def _signed_logits(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.
     return z
 
 
+def _power(x: torch.Tensor, gamma: float) -> torch.Tensor:
+    """`x ** gamma` for x in [0, 1]. The official gamma 1.5 as `x * sqrt(x)` (within an ulp of `pow`): ATen's
+    pow with a fractional exponent costs ~4x more on CPU, ~40 ms a step over D0's 4 x 4.4 M logits."""
+    return x.sqrt().mul_(x) if gamma == 1.5 else x.pow(gamma)
+
+
 class _SigmoidFocalLoss(torch.autograd.Function):
     """Sum of the official focal loss over `logits [B, A, C]` for `cls_targets [B, A]` (one-hot, no background
     class; IGNORE rows contribute nothing). Elementwise, with z as in `_signed_logits` and s = smoothing:
@@ -57,7 +63,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, cls_targets, alpha: float, gamma: float, label_smoothing: float):
         z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
-        element = torch.sigmoid(z).pow_(gamma).mul_(ce)  # loss without alpha_t
+        element = _power(torch.sigmoid(z), gamma).mul_(ce)  # loss without alpha_t
         per_anchor = element.sum(-1).mul_(1 - alpha)
         # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
         per_anchor.view(-1)[positive.reshape(-1)] += (2 * alpha - 1) * element.view(-1)[positive_index]
@@ -72,7 +78,7 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         z, ce, _, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
         sig = torch.sigmoid(z)
         grad = torch.sub(1, sig).mul_(ce).mul_(gamma).add_(sig).sub_(label_smoothing / 2)
-        grad.mul_(sig.pow_(gamma))  # d loss / dz without alpha_t
+        grad.mul_(_power(sig, gamma))  # d loss / dz without alpha_t
         flat = grad.view(-1)
         positive_grad = flat[positive_index] * -alpha  # alpha_t = alpha and dz/dx = -1 on positive entries
         grad.mul_(1 - alpha)
