@@ -44,15 +44,17 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         loss = alpha_t * sigmoid(z)^gamma * (softplus(z) - s/2 * z),   alpha_t = alpha (y = 1), 1 - alpha (y = 0)
         dloss/dz = alpha_t * sigmoid(z)^gamma * (gamma * (1 - sigmoid(z)) * ce + sigmoid(z) - s/2),  dz/dx = -+1
 
-    As official, the modulating factor uses the unsmoothed label (`det_model_fn.focal_loss`).
+    As official, the modulating factor uses the unsmoothed label (`det_model_fn.focal_loss`). Computed one
+    image at a time: the `[A, C]` temporaries then take 1/B of the memory they would for the whole batch,
+    at the step's memory peak (all activations alive).
     """
 
     @staticmethod
     def _terms(logits, cls_targets, label_smoothing):
+        """One image: logits `[A, C]`, cls_targets `[A]`."""
         positive = cls_targets >= 0
         num_classes = logits.shape[-1]
-        flat_positive = positive.reshape(-1)
-        positive_index = torch.nonzero(flat_positive).squeeze(1) * num_classes + cls_targets.reshape(-1)[flat_positive]
+        positive_index = torch.nonzero(positive).squeeze(1) * num_classes + cls_targets[positive]
         z = _signed_logits(logits, positive_index)
         ce = F.softplus(z)
         if label_smoothing:
@@ -62,29 +64,34 @@ class _SigmoidFocalLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, cls_targets, alpha: float, gamma: float, label_smoothing: float):
-        z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
-        element = _power(torch.sigmoid(z), gamma).mul_(ce)  # loss without alpha_t
-        per_anchor = element.sum(-1).mul_(1 - alpha)
-        # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
-        per_anchor.view(-1)[positive.reshape(-1)] += (2 * alpha - 1) * element.view(-1)[positive_index]
+        total = logits.new_zeros(())
+        for image_logits, targets in zip(logits, cls_targets):
+            z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(image_logits, targets, label_smoothing)
+            element = _power(torch.sigmoid(z), gamma).mul_(ce)  # loss without alpha_t
+            per_anchor = element.sum(-1).mul_(1 - alpha)
+            # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
+            per_anchor[positive] += (2 * alpha - 1) * element.view(-1)[positive_index]
+            total += (per_anchor * keep).sum()
         ctx.save_for_backward(logits, cls_targets)
         ctx.params = (alpha, gamma, label_smoothing)
-        return (per_anchor * keep).sum()
+        return total
 
     @staticmethod
     def backward(ctx, grad_output):
         logits, cls_targets = ctx.saved_tensors
         alpha, gamma, label_smoothing = ctx.params
-        z, ce, _, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
-        sig = torch.sigmoid(z)
-        grad = torch.sub(1, sig).mul_(ce).mul_(gamma).add_(sig).sub_(label_smoothing / 2)
-        grad.mul_(_power(sig, gamma))  # d loss / dz without alpha_t
-        flat = grad.view(-1)
-        positive_grad = flat[positive_index] * -alpha  # alpha_t = alpha and dz/dx = -1 on positive entries
-        grad.mul_(1 - alpha)
-        flat[positive_index] = positive_grad
-        grad.mul_(keep[..., None]).mul_(grad_output)
-        return grad, None, None, None, None
+        grads = torch.empty_like(logits)
+        for image_logits, targets, grad in zip(logits, cls_targets, grads):
+            z, ce, _, positive_index, keep = _SigmoidFocalLoss._terms(image_logits, targets, label_smoothing)
+            sig = torch.sigmoid(z)
+            torch.sub(1, sig, out=grad).mul_(ce).mul_(gamma).add_(sig).sub_(label_smoothing / 2)
+            grad.mul_(_power(sig, gamma))  # d loss / dz without alpha_t
+            flat = grad.view(-1)
+            positive_grad = flat[positive_index] * -alpha  # alpha_t = alpha and dz/dx = -1 on positive entries
+            grad.mul_(1 - alpha)
+            flat[positive_index] = positive_grad
+            grad.mul_(keep[..., None]).mul_(grad_output)
+        return grads, None, None, None, None
 
 
 def focal_loss_sum(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float = 0.25, gamma: float = 1.5,
