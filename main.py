@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from utils.allocator import reuse_freed_memory
+
 # mode -> (module, function adding the mode's flags, function running it, description)
 MODES = {
     "trainval": ("train.cli", "add_trainval_args", "run_train",
@@ -34,6 +36,9 @@ def build_parser(mode: str | None) -> argparse.ArgumentParser:
         description="EfficientDet D0-D7x, faithful to the official TF implementation. "
                     + ("; ".join(f"{m}: {spec[3]}" for m, spec in MODES.items()) if mode is None else MODES[mode][3]))
     parser.add_argument("-mode", required=True, choices=list(MODES), help="what to do")
+    parser.add_argument("--system-malloc", action="store_true",
+                        help="keep glibc's default allocator behaviour: lower peak RSS, slower on CPU (by default "
+                             "freed memory is kept for reuse, see utils/allocator.py)")
     if mode is not None:
         module, add_args, _, _ = MODES[mode]
         getattr(importlib.import_module(module), add_args)(parser)
@@ -50,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not args.system_malloc:
+        reuse_freed_memory()
     module, _, run, _ = MODES[args.mode]
     try:
         getattr(importlib.import_module(module), run)(args)

@@ -16,6 +16,9 @@ first, so that a noisy neighbour slows both sides alike; the table shows the med
   clipping, momentum SGD), `train.ema.ModelEMA.update`, on both sides; targets assigned once beforehand.
   bf16 = `torch.autocast("cpu", torch.bfloat16)` around the forward, as `train/trainer.py` does.
 * The peer runs in float32 unless `--peer-precision same` (the targets compare against effdet fp32).
+* Allocator: ours keeps freed memory for reuse, as `main.py` runs (`utils/allocator.py`; `--malloc system`
+  for glibc's defaults, `main.py --system-malloc`); effdet runs with glibc's defaults, as it ships, unless
+  `--peer-malloc reuse` gives it the same setting.
 * ratio: the median over the timed pairs of (effdet step time / ours), each pair run back to back.
 * max |delta|: ours against the plain float32 NCHW `EfficientDet` with the same weights, on the timed input
   (infer: all head outputs; train: the head outputs of one training-mode forward with the weights after
