@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from model import AnchorGenerator, build_model  # noqa: E402
 from model.postprocess import postprocess  # noqa: E402
+from utils.allocator import reuse_freed_memory  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tf_reference_d0"
 
@@ -43,7 +44,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--system-malloc", action="store_true", help="glibc's defaults (as main.py --system-malloc)")
     args = parser.parse_args()
+    if not args.system_malloc:
+        reuse_freed_memory()  # as main.py runs
     torch.set_num_threads(args.threads)
     anchors = AnchorGenerator.from_config(build_model("efficientdet-d0").config)((512, 512))
     sources = ["fixture", "random"] if (FIXTURE / "model.index").is_file() else ["random"]

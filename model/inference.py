@@ -220,7 +220,8 @@ class FusedEfficientDet(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")
         check_image_size(images.shape[2], images.shape[3], self.config.size_divisor, self.config.name)
-        x = images.to(self.dtype, memory_format=torch.channels_last)
+        # Cast, then transpose: one converting-and-transposing copy is ~2x slower on CPU (bf16 batch 8: ~4 ms).
+        x = images.to(self.dtype).contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(x))
         cls_outs, box_outs = self.class_net(features), self.box_net(features)
         return [c.to(images.dtype) for c in cls_outs], [b.to(images.dtype) for b in box_outs]
