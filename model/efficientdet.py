@@ -65,10 +65,15 @@ def anchor_rows(output: torch.Tensor, width: int) -> torch.Tensor:
     return output.permute(0, 2, 3, 1).reshape(output.shape[0], -1, width)
 
 
+def num_classes_of(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> int:
+    """Classes per anchor of head outputs (class channels per box channel times 4)."""
+    return cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+
+
 def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-level head outputs -> `[N, sum_l H_l*W_l*A, C]` logits and `[N, ..., 4]` deltas (`anchor_rows`
     of every level, level after level)."""
-    num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+    num_classes = num_classes_of(cls_outs, box_outs)
     return (torch.cat([anchor_rows(c, num_classes) for c in cls_outs], 1),
             torch.cat([anchor_rows(b, 4) for b in box_outs], 1))
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from .anchors import BoxCoder
-from .efficientdet import anchor_rows, flatten_outputs
+from .efficientdet import anchor_rows, flatten_outputs, num_classes_of
 
 MAX_DETECTION_POINTS = 5000  # official eval pre-NMS top-k
 MAX_DETECTIONS = 100
@@ -301,7 +301,7 @@ def _postprocess_infer(cls_outs, box_outs, anchors, image_scales, image_size, me
     """`infer_candidates` + `select_detections` without concatenating the logits (`[N, A, C]`, 4.4 M values
     per D0 image): the best logit of every anchor is reduced level by level, and the class (argmax) is
     found only for the selected anchors. Same detections, several times faster on the CPU."""
-    num_classes = cls_outs[0].shape[1] // (box_outs[0].shape[1] // 4)
+    num_classes = num_classes_of(cls_outs, box_outs)
     levels = [anchor_rows(c, num_classes) for c in cls_outs]
     # float before amax: a bf16 reduction over the last dim is ~5x slower on CPU (and max-with-indices 5x more)
     best_logit = torch.cat([level.float().amax(-1) for level in levels], 1)  # [N, A]
