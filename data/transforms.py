@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .image_io import to_rgb8
 # official hparams_config.py `mean_rgb` / `stddev_rgb` (ImageNet statistics x 255, as Python floats)
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
@@ -33,9 +34,10 @@ def _size_hw(image_size) -> tuple[int, int]:
 
 
 def to_uint8_rgb(image) -> np.ndarray:
-    """PIL image (any mode) or uint8 `[H, W, 3]` array -> writable contiguous uint8 `[H, W, 3]` RGB array."""
+    """PIL image (any mode, decoded by `data.image_io.to_rgb8`) or uint8 `[H, W, 3]` array -> writable
+    contiguous uint8 `[H, W, 3]` RGB array."""
     if isinstance(image, Image.Image):
-        return np.array(image.convert("RGB"), dtype=np.uint8)
+        return to_rgb8(image)
     array = np.asarray(image)
     if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] != 3:
         raise ValueError(f"image: expected an RGB uint8 array [H, W, 3] or a PIL image, got dtype {array.dtype} "
