@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .image_io import to_rgb8
+
 # official hparams_config.py `mean_rgb` / `stddev_rgb` (ImageNet statistics x 255, as Python floats)
 MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
 STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
