@@ -13,16 +13,18 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools.coco import COCO
 from torch.utils.data import Dataset
 
-from .transforms import TrainTransform, preprocess_for_eval, to_uint8_rgb
+from .bad_images import BadImage
+from .image_io import ImageReadError, read_rgb
+from .transforms import TrainTransform, preprocess_for_eval
 
 EXPECTED_LAYOUT = "expected layout: DIR/annotations/instances_{train,val}2017.json + DIR/{train,val}2017/"
 
@@ -104,17 +106,20 @@ class CocoDetection(Dataset):
 
     Items (`ds[i]`):
         train: `(image [3, S, S] float32, {"boxes": [K, 4] yxyx float32 network px, "classes": [K] int64,
-            "image_id": int, "num_failed": int})`. Crowd boxes are skipped (official
-            `skip_crowd_during_training`). An image that fails to decode is skipped: the next index that
-            decodes is returned and `num_failed` counts the images skipped for this item.
+            "image_id": int, "failures": [BadImage]})`. Crowd boxes are skipped (official
+            `skip_crowd_during_training`). An image that cannot be read is skipped: the next index that
+            decodes is returned and `failures` lists the images skipped for this item.
         eval: `(image [3, S, S] float32, {"image_id": int, "scale": float (original px per network px),
-            "orig_size": (H, W)})`, or None if the image fails to decode (`collate_detection` drops and counts
-            it). Evaluation reads ground truth from `self.coco` (pycocotools).
-    Ground truth per image (`self.annotations(i)`): boxes clipped to the image, zero-area boxes dropped, crowd
-    boxes dropped in training, at most `max_instances`.
+            "orig_size": (H, W)})`, or a `BadImage` if the image cannot be read (`collate_detection` drops and
+            lists it). Evaluation reads ground truth from `self.coco` (pycocotools).
+    Images are decoded by `data.image_io.read_rgb` (every PIL mode to 8-bit RGB, EXIF orientation not
+    applied: annotations are in the stored pixel grid). Every annotated file must exist when the dataset is
+    built (FileNotFoundError naming the first missing ones); a json width / height that differs from the
+    decoded image is a warning, and the decoded size is used (boxes are in image pixels).
+    Ground truth per image (`self.annotations(i)`): boxes clipped to the json's image size, zero-area boxes
+    dropped, crowd boxes dropped in training, at most `max_instances`.
 
-    Failures are counted per process in `num_failed` / `num_loaded` (with DataLoader workers, sum the
-    batches' `num_failed` instead) and checked with `check_failures`. `set_epoch(e)` must be called before
+    The callers count failures (`data.bad_images.BadImageBudget`). `set_epoch(e)` must be called before
     iterating a DataLoader (workers copy the dataset when the iterator starts; not with persistent workers).
     """
 
@@ -132,7 +137,7 @@ class CocoDetection(Dataset):
                              "preprocessing (preprocess_for_eval)")
         self.train, self.image_size, self.max_instances, self.seed = train, image_size, int(max_instances), seed
         self.transform = transform or (TrainTransform(image_size) if train else None)
-        self.epoch, self.num_failed, self.num_loaded = 0, 0, 0
+        self.epoch = 0
 
         data = _load_coco_json(self.ann_file)
         self.class_names, self.class_to_category, self.category_to_class = _label_space(
@@ -143,6 +148,7 @@ class CocoDetection(Dataset):
             self.coco.createIndex()
         self.image_ids = [int(image["id"]) for image in data["images"]]
         self._gt = self._index_annotations(data)
+        self._check_files_exist()
 
     @classmethod
     def from_root(cls, root, split: str, **kwargs) -> "CocoDetection":
@@ -191,79 +197,82 @@ class CocoDetection(Dataset):
                            np.array([r[1] for r in row], dtype=np.int64))
                 for image_id, row in rows.items()}
 
+    def _check_files_exist(self) -> None:
+        """Every annotated file must be in `image_dir` (one directory listing per folder, not a stat per file)."""
+        listings: dict[Path, set[str]] = {}
+        missing = []
+        for image_id in self.image_ids:
+            path = self.image_dir / self.coco.imgs[image_id]["file_name"]
+            if path.parent not in listings:
+                listings[path.parent] = set(os.listdir(path.parent)) if path.parent.is_dir() else set()
+            if path.name not in listings[path.parent]:
+                missing.append(self.coco.imgs[image_id]["file_name"])
+        if missing:
+            raise FileNotFoundError(f"image_dir {self.image_dir}: {len(missing)} of the {len(self.image_ids)} images "
+                                    f"of {self.ann_file} are missing: {', '.join(missing[:5])}"
+                                    + (", ..." if len(missing) > 5 else ""))
+
     def annotations(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Ground truth of item `index`: boxes `[K, 4]` yxyx float32 original px, classes `[K]` int64."""
         return self._gt[self.image_ids[index]]
 
     def load_image(self, index: int) -> np.ndarray:
-        """RGB uint8 `[H, W, 3]` of item `index`; raises on a file that cannot be read or decoded."""
+        """RGB uint8 `[H, W, 3]` of item `index`; raises `ImageReadError` on a file that cannot be read."""
         info = self.coco.imgs[self.image_ids[index]]
         path = self.image_dir / info["file_name"]
-        with Image.open(path) as image:
-            array = to_uint8_rgb(image)
+        array = read_rgb(path)
         if array.shape[:2] != (int(info["height"]), int(info["width"])):
-            raise ValueError(f"image {path} decodes to {array.shape[:2]} but {self.ann_file} says "
-                             f"({info['height']}, {info['width']})")
+            warnings.warn(f"{path}: decodes to height x width {array.shape[0]} x {array.shape[1]}, but "
+                          f"{self.ann_file} says {info['height']} x {info['width']}; using the decoded size")
         return array
 
-    def _try_load(self, index: int) -> np.ndarray | None:
+    def _try_load(self, index: int) -> np.ndarray | BadImage:
         try:
-            array = self.load_image(index)
-        except (OSError, SyntaxError, ValueError) as err:  # what PIL raises on missing / broken files
-            self.num_failed += 1
-            warnings.warn(f"skipping image {self.coco.imgs[self.image_ids[index]]['file_name']} "
-                          f"in {self.image_dir}: {err}")
-            return None
-        self.num_loaded += 1
-        return array
+            return self.load_image(index)
+        except ImageReadError as err:
+            image_id = self.image_ids[index]
+            return BadImage(image_id, self.coco.imgs[image_id]["file_name"], err.reason, err.detail)
 
     def __getitem__(self, index: int):
         array = self._try_load(index)
         if not self.train:
-            if array is None:
-                return None
+            if isinstance(array, BadImage):
+                return array
             image, scale = preprocess_for_eval(array, self.image_size)
             return image, {"image_id": self.image_ids[index], "scale": scale, "orig_size": array.shape[:2]}
         rng = np.random.default_rng([self.seed, self.epoch, index])
-        skipped, loaded = 0, index
-        while array is None:  # training: resample the next index, so batches keep their size
-            skipped += 1
-            if skipped == len(self):
-                raise RuntimeError(f"image_dir {self.image_dir}: no image of {self.ann_file} could be decoded")
-            loaded = (index + skipped) % len(self)
+        failures, loaded = [], index
+        while isinstance(array, BadImage):  # training: resample the next index, so batches keep their size
+            failures.append(array)
+            if len(failures) == len(self):
+                raise RuntimeError(f"image_dir {self.image_dir}: no image of {self.ann_file} could be read "
+                                   f"({array.file_name}: {array.reason}, ...)")
+            loaded = (index + len(failures)) % len(self)
             array = self._try_load(loaded)
         boxes, classes = self.annotations(loaded)
         image, boxes, classes = self.transform(array, boxes, classes, rng)
-        return image, {"boxes": boxes, "classes": classes, "image_id": self.image_ids[loaded], "num_failed": skipped}
-
-    def check_failures(self, num_failed: int | None = None, num_seen: int | None = None,
-                       max_fraction: float = 0.01) -> None:
-        """Raise if more than `max_fraction` of the images seen failed to decode. Defaults to this process's
-        counters; with DataLoader workers pass the summed `num_failed` of the batches and the images seen."""
-        failed = self.num_failed if num_failed is None else num_failed
-        seen = self.num_failed + self.num_loaded if num_seen is None else num_seen
-        if seen and failed > max_fraction * seen:
-            raise RuntimeError(f"image_dir {self.image_dir}: {failed} of {seen} images failed to decode "
-                               f"(more than {max_fraction:.0%}); check the files listed in the warnings")
+        return image, {"boxes": boxes, "classes": classes, "image_id": self.image_ids[loaded], "failures": failures}
 
 
-def collate_detection(batch: list) -> tuple[torch.Tensor, dict] | None:
-    """Batch `CocoDetection` items (None items, i.e. eval images that failed to decode, are dropped).
+def collate_detection(batch: list) -> tuple[torch.Tensor | None, dict]:
+    """Batch `CocoDetection` items (`BadImage` items, i.e. eval images that could not be read, are dropped).
 
-    Returns `(images [B, 3, S, S], targets)` or None when every item failed, with `targets`:
-        always: "image_ids" `[B]` int64, "num_failed" int (failed images behind this batch);
+    Returns `(images [B, 3, S, S], targets)`, images None when every item failed, with `targets`:
+        always: "image_ids" `[B]` int64, "failures" list of `BadImage` (the unreadable images behind this
+            batch), "num_failed" their number;
         train items: "gt_boxes" `[B, M, 4]` yxyx network px and "gt_classes" `[B, M]` int64, M = most boxes
             in the batch (may be 0), padded with -1 (the official `pad_to_fixed_size` value);
         eval items: "scales" list of float (original px per network px), "orig_sizes" list of (H, W).
     """
-    items = [item for item in batch if item is not None]
-    num_failed = len(batch) - len(items) + sum(t.get("num_failed", 0) for _, t in items)
-    if not items:
-        return None
-    images = torch.stack([image for image, _ in items])
+    items = [item for item in batch if not isinstance(item, BadImage)]
+    failures = [item for item in batch if isinstance(item, BadImage)]
+    failures += [bad for _, t in items for bad in t.get("failures", ())]
     targets = [t for _, t in items]
     out = {"image_ids": torch.tensor([t["image_id"] for t in targets], dtype=torch.int64),
-           "num_failed": num_failed}
+           "failures": failures, "num_failed": len(failures)}
+    if not items:
+        return None, out
+    images = torch.stack([image for image, _ in items])
     if "boxes" in targets[0]:
         m = max(len(t["boxes"]) for t in targets)
         out["gt_boxes"] = torch.full((len(items), m, 4), -1.0, dtype=torch.float32)

@@ -11,11 +11,13 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data.bad_images import BadImage, BadImageBudget, BadImageLimit
 from data.coco import CocoDetection, collate_detection
 from eval.coco_eval import detections_to_coco, evaluate_coco
 from model import AnchorGenerator, EfficientDet
 from model.inference import prepare_for_inference
 from model.postprocess import Detections, postprocess
+
 
 class Detector(nn.Module):
     """Model + anchors + post-processing: `forward(images [N, 3, S, S], scales [N]) -> Detections`.
@@ -43,25 +45,28 @@ class Detector(nn.Module):
 
 def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int,
                   device: torch.device, max_images: int | None = None, rank: int = 0, world_size: int = 1,
-                  progress: bool = True) -> tuple[list[dict], dict]:
+                  progress: bool = True, bad_images: BadImageBudget | None = None
+                  ) -> tuple[list[dict], dict, list[BadImage]]:
     """Detect on (this rank's share of) the first `max_images` images of an evaluation `dataset`.
 
-    Returns COCO results (category ids of the dataset) and stats: images, failed, seconds, img/s,
-    postprocess seconds per image.
+    Returns COCO results (category ids of the dataset), stats (images read, failed, seconds, img/s) and the
+    images that could not be read. Each failure is passed to `bad_images` as it happens (which says so, and
+    raises once their count passes its limit).
     """
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     subset = Subset(dataset, list(range(rank, count, world_size)))
     loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection,
                         pin_memory=device.type == "cuda")
-    results, images_done, failed = [], 0, 0
+    results, images_done, failures = [], 0, []
     start = time.perf_counter()
     bar = tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    for batch in loader:
-        if batch is None:  # every image of the batch failed to decode
-            failed += batch_size
+    for images, targets in loader:
+        failures += targets["failures"]
+        if bad_images is not None:
+            bad_images.add(targets["failures"])
+        if images is None:  # every image of the batch failed
+            bar.update(targets["num_failed"])
             continue
-        images, targets = batch
-        failed += targets["num_failed"]
         scales = torch.tensor(targets["scales"], dtype=torch.float32, device=device)
         dets = detector(images.to(device, non_blocking=True), scales)
         results += detections_to_coco(dets, targets["image_ids"].tolist(), dataset.class_to_category)
@@ -70,16 +75,28 @@ def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, w
         bar.set_postfix(img_s=f"{images_done / (time.perf_counter() - start):.1f}", dets=len(results))
     bar.close()
     seconds = time.perf_counter() - start
-    return results, {"images": images_done, "failed": failed, "seconds": seconds,
-                     "img_per_s": images_done / max(seconds, 1e-9)}
+    return results, {"images": images_done, "failed": len(failures), "seconds": seconds,
+                     "img_per_s": images_done / max(seconds, 1e-9)}, failures
+
+
+def readable_image_ids(dataset: CocoDetection, count: int, failures: list[BadImage]) -> list[int]:
+    """The ids of the first `count` images of `dataset` minus those that could not be read: the COCO metrics
+    are computed over the images the detector saw."""
+    failed = {bad.image_id for bad in failures}
+    return [i for i in dataset.image_ids[:count] if i not in failed]
 
 
 def evaluate(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int, device: torch.device,
-             max_images: int | None = None, progress: bool = True) -> tuple[dict, list[dict], dict]:
-    """Single-process evaluation: `(coco_stats, results, run_stats)` on the first `max_images` images."""
-    results, run_stats = run_detection(detector, dataset, batch_size, workers, device, max_images,
-                                       progress=progress)
-    dataset.check_failures(run_stats["failed"], run_stats["images"] + run_stats["failed"])
+             max_images: int | None = None, progress: bool = True,
+             max_bad_images: BadImageLimit = BadImageLimit(percent=1.0)) -> tuple[dict, list[dict], dict]:
+    """Single-process evaluation: `(coco_stats, results, run_stats)` on the first `max_images` images.
+
+    Unreadable images are skipped and counted (RuntimeError as soon as there are more than `max_bad_images`);
+    the metrics are over the images that were read.
+    """
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    stats = evaluate_coco(dataset.coco, results, dataset.image_ids[:count])
+    budget = BadImageBudget(max_bad_images, count, f"evaluation on {dataset.image_dir}", speak=progress)
+    results, run_stats, failures = run_detection(detector, dataset, batch_size, workers, device, max_images,
+                                                 progress=progress, bad_images=budget)
+    stats = evaluate_coco(dataset.coco, results, readable_image_ids(dataset, count, failures))
     return stats, results, run_stats

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import warnings
 
 import numpy as np
 import pytest
@@ -89,7 +88,7 @@ def test_ground_truth_clipping_crowd_zero_area_and_max_instances(tmp_path):
 def test_train_items_are_reproducible_per_seed_epoch_and_index(tmp_path):
     ds = CocoDetection.from_root(_write(tmp_path, [_ann(1, 1, 1, [10, 5, 20, 10])]), "train", image_size=64)
     image, target = ds[0]
-    assert image.shape == (3, 64, 64) and target["image_id"] == 1 and target["num_failed"] == 0
+    assert image.shape == (3, 64, 64) and target["image_id"] == 1 and target["failures"] == []
     assert torch.equal(ds[0][0], image)
     ds.set_epoch(1)
     assert not torch.equal(ds[0][0], image)
@@ -128,27 +127,22 @@ def test_collate_pads_with_minus_one_and_handles_no_boxes(tmp_path):
     assert empty["gt_boxes"].shape == (2, 0, 4) and empty["gt_classes"].shape == (2, 0)
 
 
-def test_broken_images_are_skipped_counted_and_checked(tmp_path):
+def test_broken_images_are_skipped_and_listed(tmp_path):
     root = _write(tmp_path, [_ann(1, 3, 1, [1, 1, 5, 5])], broken=(2,))
-    (root / "train2017" / "000001.png").unlink()  # a missing file counts as a failure too
     train = CocoDetection.from_root(root, "train", image_size=32)
-    with pytest.warns(UserWarning, match="skipping image") as caught:
-        image, target = train[0]  # images 1 and 2 fail: the item is image 3
-    assert ["000001.png" in str(w.message) for w in caught] == [True, False]
-    assert target["image_id"] == 3 and target["num_failed"] == 2 and train.num_failed == 2
-    with pytest.raises(RuntimeError, match=r"^image_dir .*train2017: 2 of 3 images failed to decode"):
-        train.check_failures()
-    train.check_failures(num_failed=1, num_seen=100)  # 1 % is tolerated
-    with pytest.raises(RuntimeError, match="2 of 100 images"):
-        train.check_failures(num_failed=2, num_seen=100)
     evaluation = CocoDetection.from_root(root, "train", train=False, image_size=32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        items = [evaluation[i] for i in range(3)]
-    assert items[0] is None and items[1] is None and items[2][1]["image_id"] == 3
+    (root / "train2017" / "000001.png").unlink()  # a file that vanishes during the run is a failure too
+    image, target = train[0]  # images 1 and 2 fail: the item is image 3
+    assert target["image_id"] == 3
+    assert [(b.file_name, b.reason) for b in target["failures"]] == [("000001.png", "missing"),
+                                                                      ("000002.png", "cannot decode")]
+    items = [evaluation[i] for i in range(3)]
+    assert [getattr(item, "reason", None) for item in items[:2]] == ["missing", "cannot decode"]
+    assert items[2][1]["image_id"] == 3
     _, batch = collate_detection(items)
     assert batch["image_ids"].tolist() == [3] and batch["num_failed"] == 2
-    assert collate_detection(items[:2]) is None
+    images, batch = collate_detection(items[:2])
+    assert images is None and batch["num_failed"] == 2 and batch["image_ids"].tolist() == []
 
 
 def test_bad_paths_and_files_are_clear_errors(tmp_path):
