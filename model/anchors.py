@@ -15,7 +15,9 @@ BOX_CODER_EPS = 1e-8  # official EPSILON, added to sizes before dividing / takin
 
 
 def feature_sizes(image_size: tuple[int, int], min_level: int, max_level: int) -> list[tuple[int, int]]:
-    """(H_l, W_l) for each level, official `get_feat_sizes`: repeated `(s - 1) // 2 + 1`."""
+    """(H_l, W_l) for each level, official `get_feat_sizes`: repeated `(s - 1) // 2 + 1` (= ceil(s / 2), what
+    TF 'SAME' strided convs and pools produce), so for sides that are not multiples of 2^max_level the
+    strides `H / H_l` are not powers of two (lite0 at 320: P7 3x3, stride 106.67)."""
     h, w = image_size
     sizes = []
     for level in range(max_level + 1):
@@ -23,6 +25,25 @@ def feature_sizes(image_size: tuple[int, int], min_level: int, max_level: int) -
             sizes.append((h, w))
         h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
     return sizes
+
+
+def check_feature_pyramid(image_size: tuple[int, int], min_level: int, max_level: int, name: str) -> None:
+    """Raise a ValueError for input sizes the official network cannot build.
+
+    Any positive size works, except one the official `ResampleFeatureMap` refuses ("Incompatible
+    Resampling"): going up a level, a map must shrink in both height and width or in neither, so below
+    P_max one side may not reach 1 px before the other (e.g. 640 wide, 64 tall: P6 is 1x10).
+    """
+    h, w = image_size
+    if not (isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0):
+        raise ValueError(f"{name}: input height {h}, width {w}: both sides must be positive integers")
+    sizes = feature_sizes(image_size, min_level, max_level)
+    for level, (h_l, w_l) in zip(range(min_level, max_level), sizes):
+        if (h_l == 1) != (w_l == 1):
+            raise ValueError(
+                f"{name}: input height {h}, width {w} is not supported by the official network: its P{level} map "
+                f"is {h_l} high and {w_l} wide, and a map whose height and width do not both halve cannot be "
+                f"resampled to P{level + 1}; sides above {2 ** (max_level - 1)} px always work")
 
 
 class AnchorGenerator:

@@ -1,6 +1,7 @@
 """BiFPN as built by the official `tf2/efficientdet_keras.py` (`ResampleFeatureMap`, `FNode`, `FPNCell`).
 
-All feature maps are `[N, C, H_l, W_l]` with `H_l = H / 2^l`; lists of levels run P_min ... P_max.
+All feature maps are `[N, C, H_l, W_l]`; lists of levels run P_min ... P_max. `H_l` is the official
+`get_feat_sizes` size, `H_l = ceil(H_{l-1} / 2)` (= H / 2^l when H is a multiple of 2^max_level).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import EfficientDetConfig
-from .layers import MaxPool2dSame, SeparableConv2d, batch_norm, checkpointed, init_glorot_uniform_
+from .layers import MaxPool2dSame, SeparableConv2d, activation, batch_norm, checkpointed, init_glorot_uniform_
 
 FUSION_EPS = 1e-4  # official fast-attention epsilon
 
@@ -41,7 +42,13 @@ def bifpn_nodes(min_level: int, max_level: int) -> list[tuple[int, list[int]]]:
 class ResampleFeatureMap(nn.Module):
     """Bring a feature map to another level and width: [1x1 conv (+bias) -> BN when the width differs],
     then max-pool (kernel stride+1, TF 'SAME') down or nearest-neighbour up.
-    `[N, C_in, H, W] -> [N, C_out, H * 2^(in_level - out_level), ...]`.
+    `forward(x [N, C_in, H, W], size (H_t, W_t)) -> [N, C_out, H_t, W_t]` (`size` is needed to go up only).
+
+    Up: official `tf.compat.v1.image.resize_nearest_neighbor` to the target size, source index
+    `floor(dst * in / out)` (= `F.interpolate(mode="nearest", size=...)`): a plain 2x repeat only for exact
+    halvings (P7 3x3 -> P6 5x5 takes rows [0, 0, 1, 1, 2]). Down: the pool's TF 'SAME' output is the next
+    level's size for any input (a 1x1 map pools to itself, as the official code leaves it).
+    `pool` / `upsample` (the stride / factor for sides that are multiples of 2^max_level) say which way.
     """
 
     def __init__(self, in_channels: int, out_channels: int, in_level: int, out_level: int):
@@ -53,24 +60,27 @@ class ResampleFeatureMap(nn.Module):
         self.pool = MaxPool2dSame(2 ** (out_level - in_level)) if out_level > in_level else None
         self.upsample = 2 ** (in_level - out_level) if out_level < in_level else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.project:
             x = self.bn(self.conv(x))
         if self.pool is not None:
             x = self.pool(x)
         elif self.upsample is not None:
-            x = F.interpolate(x, scale_factor=float(self.upsample), mode="nearest")
+            if size is None:
+                raise ValueError("ResampleFeatureMap: upsampling needs the target size")
+            x = F.interpolate(x, size=tuple(size), mode="nearest")
         return x
 
 
 class FNode(nn.Module):
-    """One BiFPN node: resample its inputs, fuse them, then swish -> separable conv 3x3 (+bias) -> BN.
+    """One BiFPN node: resample its inputs, fuse them, then act -> separable conv 3x3 (+bias) -> BN.
 
     Fusion `fastattn`: out = sum_i relu(w_i) * x_i / (sum_j relu(w_j) + 1e-4); `sum`: plain sum.
+    Every node reads its own level among its inputs (bifpn_nodes), whose size the others are resampled to.
     """
 
     def __init__(self, in_channels: list[int], in_levels: list[int], level: int, channels: int,
-                 weight_method: str):
+                 weight_method: str, act_type: str = "swish"):
         super().__init__()
         if weight_method not in ("fastattn", "sum"):
             raise ValueError(f"fpn_weight_method {weight_method!r}: expected 'fastattn' or 'sum'")
@@ -80,9 +90,12 @@ class FNode(nn.Module):
         self.edge_weights = nn.Parameter(torch.ones(len(in_channels))) if weight_method == "fastattn" else None
         self.conv = SeparableConv2d(channels, channels, 3)
         self.bn = batch_norm(channels)
+        self.act_type = act_type
+        self.same_level = in_levels.index(level)
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
-        nodes = [resample(x) for resample, x in zip(self.resample, inputs)]
+        size = inputs[self.same_level].shape[-2:]
+        nodes = [resample(x, size) for resample, x in zip(self.resample, inputs)]
         if self.edge_weights is None:
             out = torch.stack(nodes).sum(0)
         else:
@@ -91,7 +104,7 @@ class FNode(nn.Module):
             out = nodes[0] * w[0]
             for i in range(1, len(nodes)):
                 out = out + nodes[i] * w[i]
-        return self.bn(self.conv(F.silu(out)))
+        return self.bn(self.conv(activation(out, self.act_type)))
 
 
 class BiFPNCell(nn.Module):
@@ -102,7 +115,7 @@ class BiFPNCell(nn.Module):
     """
 
     def __init__(self, in_channels: list[int], min_level: int, max_level: int, channels: int,
-                 weight_method: str):
+                 weight_method: str, act_type: str = "swish"):
         super().__init__()
         levels = list(range(min_level, max_level + 1))
         widths = list(in_channels)
@@ -110,7 +123,7 @@ class BiFPNCell(nn.Module):
         nodes = []
         for level, offsets in bifpn_nodes(min_level, max_level):
             nodes.append(FNode([widths[i] for i in offsets], [levels[i] for i in offsets], level, channels,
-                               weight_method))
+                               weight_method, act_type))
             self.inputs.append(offsets)
             levels.append(level)
             widths.append(channels)
@@ -144,7 +157,7 @@ class BiFPN(nn.Module):
         widths = list(backbone_channels) + [c] * len(self.extra_levels)
         self.cells = nn.ModuleList(
             BiFPNCell(widths if i == 0 else [c] * config.num_levels, config.min_level, config.max_level, c,
-                      config.fpn_weight_method)
+                      config.fpn_weight_method, config.act_type)
             for i in range(config.fpn_cell_repeats))
         self.grad_checkpointing = False  # see EfficientDet.set_grad_checkpointing
         self.reset_parameters()

@@ -1,8 +1,9 @@
-"""The variant table: the single source of truth for EfficientDet D0-D7x and their backbones.
+"""The variant table: the single source of truth for EfficientDet D0-D7x, Lite0-Lite4 and their backbones.
 
-Values come from the official `efficientdet/hparams_config.py` (`efficientdet_model_param_dict`)
-and `efficientdet/backbone/efficientnet_builder.py` (`efficientnet_params`, `_DEFAULT_BLOCKS_ARGS`).
-Nothing else in the project hard-codes widths, depths, sizes or levels.
+Values come from the official `efficientdet/hparams_config.py` (`efficientdet_model_param_dict`,
+`efficientdet_lite_param_dict`), `efficientdet/backbone/efficientnet_builder.py` (`efficientnet_params`,
+`_DEFAULT_BLOCKS_ARGS`) and `efficientdet/backbone/efficientnet_lite_builder.py`. Nothing else in the
+project hard-codes widths, depths, sizes, levels, activations or the input normalisation.
 """
 from __future__ import annotations
 
@@ -50,6 +51,18 @@ class EfficientNetConfig:
     survival_prob: float  # drop-connect survival of the last block; 0.0 disables drop-connect
     stem_filters: int = 32
     depth_divisor: int = 8
+    use_se: bool = True  # Lite: no squeeze-excite ("not well supported on many lite devices")
+    fix_head_stem: bool = False  # Lite: stem width and the repeats of the first / last stage are not scaled
+
+    def stem_width(self) -> int:
+        return self.stem_filters if self.fix_head_stem else self.round_filters(self.stem_filters)
+
+    def stage_repeats(self, stage: int, repeats: int) -> int:
+        """Repeats of block stage `stage` (official `Model._build`: with fix_head_stem the first and last
+        stages keep their repeats)."""
+        if self.fix_head_stem and stage in (0, len(EFFICIENTNET_BLOCKS) - 1):
+            return repeats
+        return self.round_repeats(repeats)
 
     def round_filters(self, filters: int) -> int:
         """Width scaling exactly as official `round_filters` (never rounds down by more than 10%)."""
@@ -65,9 +78,11 @@ class EfficientNetConfig:
 
 
 def _backbone(name: str, width: float, depth: float) -> EfficientNetConfig:
-    # EfficientDet builds its backbone with the builder's default survival_prob 0.8, except B0 where
-    # `efficientdet_arch.build_backbone` / `efficientdet_keras` override it to 0.0 (no drop-connect).
-    return EfficientNetConfig(name, width, depth, survival_prob=0.0 if name.endswith("b0") else 0.8)
+    # EfficientDet builds its backbone with the builder's default survival_prob 0.8, except where
+    # `efficientdet_keras` finds 'b0' in the name and overrides it to 0.0 (no drop-connect; not lite0).
+    lite = "-lite" in name  # `efficientnet_lite_builder.efficientnet_lite`: use_se=False, fix_head_stem=True
+    return EfficientNetConfig(name, width, depth, survival_prob=0.0 if "b0" in name else 0.8,
+                              use_se=not lite, fix_head_stem=lite)
 
 
 BACKBONES = {
@@ -81,8 +96,21 @@ BACKBONES = {
         _backbone("efficientnet-b5", 1.6, 2.2),
         _backbone("efficientnet-b6", 1.8, 2.6),
         _backbone("efficientnet-b7", 2.0, 3.1),
+        _backbone("efficientnet-lite0", 1.0, 1.0),
+        _backbone("efficientnet-lite1", 1.0, 1.1),
+        _backbone("efficientnet-lite2", 1.1, 1.2),
+        _backbone("efficientnet-lite3", 1.2, 1.4),
+        _backbone("efficientnet-lite4", 1.4, 1.8),
     )
 }
+
+# official hparams_config.py `mean_rgb` / `stddev_rgb`: ImageNet statistics x 255 (per channel, RGB)
+IMAGENET_MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+IMAGENET_STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# Lite (`lite_common_param`): inception-style scalars, "for better post-quantization"
+LITE_MEAN_RGB, LITE_STDDEV_RGB = 127.0, 128.0
+
+ACTIVATIONS = ("swish", "relu6")  # official `utils.activation_fn` names used by the variants
 
 
 @dataclass(frozen=True)
@@ -102,6 +130,14 @@ class EfficientDetConfig:
     num_classes: int = 90
     num_scales: int = 3
     aspect_ratios: tuple[float, ...] = (1.0, 2.0, 0.5)  # width / height
+    act_type: str = "swish"  # everywhere: backbone (the official `relu_fn` override), BiFPN, heads
+    # Input normalisation (x - mean_rgb) / stddev_rgb on 0..255 RGB: a scalar or one value per channel.
+    mean_rgb: float | tuple[float, float, float] = IMAGENET_MEAN_RGB
+    stddev_rgb: float | tuple[float, float, float] = IMAGENET_STDDEV_RGB
+
+    def __post_init__(self):
+        if self.act_type not in ACTIVATIONS:
+            raise ValueError(f"act_type {self.act_type!r}: expected one of {', '.join(ACTIVATIONS)}")
 
     @property
     def backbone(self) -> EfficientNetConfig:
@@ -118,8 +154,12 @@ class EfficientDetConfig:
 
     @property
     def size_divisor(self) -> int:
-        """Input sides must be multiples of this (the stride of the coarsest level)."""
+        """The stride of the coarsest level: inputs whose sides are multiples of it have exact 2x pyramids."""
         return 2 ** self.max_level
+
+    @property
+    def is_lite(self) -> bool:
+        return "-lite" in self.backbone_name
 
     def replace(self, **changes) -> "EfficientDetConfig":
         return dataclasses.replace(self, **changes)
@@ -141,6 +181,25 @@ VARIANTS = {
                            fpn_weight_method="sum"),
     )
 }
+
+
+def _lite(name: str, backbone: str, image_size: int, filters: int, cells: int, repeats: int,
+          anchor_scale: float) -> EfficientDetConfig:
+    # `lite_common_param`: sum fusion, relu6, inception-style normalisation (anchor_scale 3.0 except
+    # lite3 / lite4, which override it back to 4.0).
+    return EfficientDetConfig(name, backbone, image_size, filters, cells, repeats, anchor_scale=anchor_scale,
+                              fpn_weight_method="sum", act_type="relu6", mean_rgb=LITE_MEAN_RGB,
+                              stddev_rgb=LITE_STDDEV_RGB)
+
+
+VARIANTS.update((cfg.name, cfg) for cfg in (
+    _lite("efficientdet-lite0", "efficientnet-lite0", 320, 64, 3, 3, 3.0),
+    _lite("efficientdet-lite1", "efficientnet-lite1", 384, 88, 4, 3, 3.0),
+    _lite("efficientdet-lite2", "efficientnet-lite2", 448, 112, 5, 3, 3.0),
+    _lite("efficientdet-lite3", "efficientnet-lite3", 512, 160, 6, 4, 4.0),
+    _lite("efficientdet-lite3x", "efficientnet-lite3", 640, 200, 6, 4, 3.0),
+    _lite("efficientdet-lite4", "efficientnet-lite4", 640, 224, 7, 4, 4.0),
+))
 
 
 def get_config(name: str, **overrides) -> EfficientDetConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .anchors import check_feature_pyramid
 from .bifpn import BiFPN
 from .config import EfficientDetConfig, get_config
 from .efficientnet import EfficientNet
@@ -13,7 +14,8 @@ CLASS_PRIOR_PROBABILITY = 0.01
 
 
 def check_image_size(height: int, width: int, divisor: int, name: str = "model") -> None:
-    """Raise a ValueError unless both sides are positive multiples of `divisor` (2^max_level)."""
+    """Raise a ValueError unless both sides are positive multiples of `divisor` (2^max_level): for modules
+    that only implement exact 2x pyramids."""
     if height > 0 and width > 0 and height % divisor == 0 and width % divisor == 0:
         return
 
@@ -26,8 +28,15 @@ def check_image_size(height: int, width: int, divisor: int, name: str = "model")
         f"{divisor} (2^max_level); nearest valid height {nearest(height)}, width {nearest(width)}")
 
 
+def validate_image_size(config: EfficientDetConfig, image_size: tuple[int, int], name: str = "model") -> None:
+    """Raise a ValueError unless the official network accepts `image_size` (H, W) (`check_feature_pyramid`)."""
+    check_feature_pyramid(tuple(image_size), config.min_level, config.max_level, name)
+
+
 class EfficientDet(nn.Module):
     """`forward(images [N, 3, H, W], normalized) -> (cls_outs, box_outs)`, lists over levels P_min..P_max.
+
+    Any H, W the official network accepts (`validate_image_size`); level sizes `model.anchors.feature_sizes`.
 
     `cls_outs[i]`: `[N, A * num_classes, H_i, W_i]` logits, channel `a * num_classes + c`.
     `box_outs[i]`: `[N, A * 4, H_i, W_i]`, channel `a * 4 + k`, k in (ty, tx, th, tw).
@@ -38,11 +47,12 @@ class EfficientDet(nn.Module):
     def __init__(self, config: EfficientDetConfig):
         super().__init__()
         self.config = config
-        self.backbone = EfficientNet(config.backbone)
+        self.backbone = EfficientNet(config.backbone, config.act_type)
         self.fpn = BiFPN(config, self.backbone.out_channels)
         head_args = (config.fpn_num_filters, config.num_levels, config.box_class_repeats, config.num_anchors)
-        self.class_net = HeadNet(*head_args, config.num_classes, prior_probability=CLASS_PRIOR_PROBABILITY)
-        self.box_net = HeadNet(*head_args, 4)
+        self.class_net = HeadNet(*head_args, config.num_classes, prior_probability=CLASS_PRIOR_PROBABILITY,
+                                 act_type=config.act_type)
+        self.box_net = HeadNet(*head_args, 4, act_type=config.act_type)
 
     def set_grad_checkpointing(self, enabled: bool = True) -> "EfficientDet":
         """Training memory for time: backbone blocks and BiFPN cells keep only their inputs for backward and
@@ -53,7 +63,7 @@ class EfficientDet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")
-        check_image_size(images.shape[2], images.shape[3], self.config.size_divisor, self.config.name)
+        validate_image_size(self.config, (images.shape[2], images.shape[3]), self.config.name)
         features = self.fpn(self.backbone(images))
         return self.class_net(features), self.box_net(features)
 
@@ -79,7 +89,8 @@ def flatten_outputs(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor]) 
 
 
 def build_model(name: str, num_classes: int = 90, **overrides) -> EfficientDet:
-    """Build variant `name` ("efficientdet-d0" ... "efficientdet-d7x") with freshly initialised weights.
+    """Build variant `name` ("efficientdet-d0" ... "efficientdet-d7x", "efficientdet-lite0" ... "-lite4",
+    "efficientdet-lite3x") with freshly initialised weights.
 
     `overrides` replace fields of the variant's `EfficientDetConfig` (e.g. `image_size=640`).
     """

@@ -6,11 +6,11 @@ import math
 import torch
 from torch import nn
 
-from .layers import SeparableConv2d, batch_norm, bn_swish, init_variance_scaling_
+from .layers import SeparableConv2d, batch_norm, bn_act, init_variance_scaling_
 
 
 class HeadNet(nn.Module):
-    """`repeats` x (separable conv 3x3 + bias -> BN -> swish), then a separable prediction conv + bias.
+    """`repeats` x (separable conv 3x3 + bias -> BN -> act), then a separable prediction conv + bias.
 
     The conv weights are shared by all levels but each level has its own BNs (`bns[repeat][level]`).
     `forward([P3 .. P_max])` -> one `[N, A * K, H_l, W_l]` tensor per level, channel `a * K + k`
@@ -18,8 +18,9 @@ class HeadNet(nn.Module):
     """
 
     def __init__(self, channels: int, num_levels: int, repeats: int, num_anchors: int, num_outputs: int,
-                 prior_probability: float | None = None):
+                 prior_probability: float | None = None, act_type: str = "swish"):
         super().__init__()
+        self.act_type = act_type
         self.convs = nn.ModuleList(SeparableConv2d(channels, channels, 3) for _ in range(repeats))
         self.bns = nn.ModuleList(
             nn.ModuleList(batch_norm(channels) for _ in range(num_levels)) for _ in range(repeats))
@@ -40,6 +41,6 @@ class HeadNet(nn.Module):
         outputs = []
         for level, x in enumerate(features):
             for conv, bns in zip(self.convs, self.bns):
-                x = bn_swish(bns[level], conv(x))
+                x = bn_act(bns[level], conv(x), self.act_type)
             outputs.append(self.predict(x))
         return outputs

@@ -1,9 +1,10 @@
 """Building blocks shared by the backbone, the BiFPN and the heads, with TF's conventions.
 
 TF 'SAME' padding: output size ceil(in / stride); the total padding max((out - 1) * stride + k - in, 0) is
-split with the extra pixel at the bottom/right. Every strided op in EfficientDet sees an input whose sides
-are multiples of its stride (the model only accepts multiples of 2^max_level), so the total padding is the
-constant k - stride and is computed once at construction: no per-call work, and the graph traces/exports.
+split with the extra pixel at the bottom/right. Stride-1 ops (odd kernels) always pad (k - 1) / 2 on each
+side, a constant of the module. For strided ops the padding depends on the parity of the input side (a
+3x3/2 conv pads 0 before / 1 after an even side, 1 / 1 an odd one): it is computed per call from the
+input's (static) shape, which tracing and export record as constants.
 """
 from __future__ import annotations
 
@@ -17,30 +18,37 @@ from torch import nn
 from .config import BN_EPS, BN_MOMENTUM
 
 
-def same_padding(kernel_size: int, stride: int) -> tuple[int, int]:
-    """(before, after) TF 'SAME' padding of one side for an input divisible by `stride`."""
-    total = max(kernel_size - stride, 0)
+def same_padding(kernel_size: int, stride: int, size: int | None = None) -> tuple[int, int]:
+    """(before, after) TF 'SAME' padding of one side of length `size` (None: any multiple of `stride`)."""
+    if size is None:
+        total = max(kernel_size - stride, 0)
+    else:
+        total = max((-(-size // stride) - 1) * stride + kernel_size - size, 0)
     return total // 2, total - total // 2
 
 
 class Conv2dSame(nn.Conv2d):
     """nn.Conv2d with TF 'SAME' padding (asymmetric, extra pixel bottom/right, when strided).
 
-    Input `[N, C_in, H, W]` with H, W divisible by `stride` -> `[N, C_out, H / stride, W / stride]`.
+    Input `[N, C_in, H, W]` -> `[N, C_out, ceil(H / stride), ceil(W / stride)]`, any H, W.
+    `asym_pad` is the F.pad padding for sides divisible by the stride (None when nn.Conv2d's own symmetric
+    padding suffices, i.e. stride 1).
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
                  groups: int = 1, bias: bool = True):
         before, after = same_padding(kernel_size, stride)
-        symmetric = before == after
+        symmetric = before == after and stride == 1
         super().__init__(in_channels, out_channels, kernel_size, stride,
                          padding=before if symmetric else 0, groups=groups, bias=bias)
-        # F.pad order is (left, right, top, bottom); None when nn.Conv2d's own symmetric padding suffices.
+        # F.pad order is (left, right, top, bottom).
         self.asym_pad = None if symmetric else (before, after, before, after)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.asym_pad is not None:
-            x = F.pad(x, self.asym_pad)
+            k, s = self.kernel_size[0], self.stride[0]
+            (top, bottom), (left, right) = (same_padding(k, s, n) for n in x.shape[-2:])
+            x = F.pad(x, (left, right, top, bottom))
         if (self.groups > 1 and x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
                 and torch.is_grad_enabled()):
             # oneDNN's bf16 depthwise backward is several times slower than its fp32 one (5x5: ~6x).
@@ -52,9 +60,11 @@ class Conv2dSame(nn.Conv2d):
 class MaxPool2dSame(nn.Module):
     """Max-pool with TF 'SAME' padding, where padded cells never win (TF pads with -inf, not 0).
 
-    The official `_pool2d` uses kernel stride + 1. For an input divisible by the stride, TF pads
-    (k - s) // 2 before and the rest after; `ceil_mode` lets the last window hang over the bottom/right
-    edge exactly where TF pads, and out-of-range cells are ignored like -inf, so no padded copy is made.
+    The official `_pool2d` uses kernel stride + 1. TF pads `same_padding(k, s, side)` per side; PyTorch's
+    implicit padding (ignored like -inf) covers the part before, and `ceil_mode` lets the last window hang
+    over the bottom/right edge exactly where TF pads the rest, so no padded copy is made.
+    `padding` is the padding before for sides divisible by the stride. `[N, C, H, W] -> [N, C, ceil(H / s),
+    ceil(W / s)]` (a 1x1 map stays itself).
     """
 
     def __init__(self, stride: int):
@@ -64,7 +74,8 @@ class MaxPool2dSame(nn.Module):
         self.padding = same_padding(self.kernel_size, stride)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, self.kernel_size, self.stride, self.padding, ceil_mode=True)
+        padding = tuple(same_padding(self.kernel_size, self.stride, n)[0] for n in x.shape[-2:])
+        return F.max_pool2d(x, self.kernel_size, self.stride, padding, ceil_mode=True)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}"
@@ -124,6 +135,22 @@ def bn_swish(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
         return F.silu(bn(x))
     bn.num_batches_tracked.add_(1)
     return _BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+
+
+def activation(x: torch.Tensor, act_type: str, inplace: bool = False) -> torch.Tensor:
+    """Official `utils.activation_fn` for the variants' act_type: "swish" (x * sigmoid(x)) or "relu6"."""
+    if act_type == "swish":
+        return F.silu(x, inplace=inplace)
+    if act_type == "relu6":
+        return F.relu6(x, inplace=inplace)
+    raise ValueError(f"act_type {act_type!r}: expected 'swish' or 'relu6'")
+
+
+def bn_act(bn: nn.BatchNorm2d, x: torch.Tensor, act_type: str) -> torch.Tensor:
+    """`act(bn(x))`, `[N, C, H, W]` in and out; swish goes through the memory-saving `bn_swish`."""
+    if act_type == "swish":
+        return bn_swish(bn, x)
+    return activation(bn(x), act_type, inplace=True)
 
 
 def squeeze_excite_project(x: torch.Tensor, se: nn.Module, weight: torch.Tensor) -> torch.Tensor:

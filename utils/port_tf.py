@@ -27,7 +27,7 @@ EMA_SUFFIX = "/ExponentialMovingAverage"
 # Training state that is not part of the model: step counter and optimizer slots.
 _NON_MODEL = re.compile(r"^(global_step|beta[12]_power)$|/(Momentum|RMSProp(_1)?|Adam(_1)?)$")
 # Parts of an ImageNet EfficientNet that the detector has no use for (1x1 head conv, its BN, classifier).
-_CLASSIFIER = re.compile(r"^efficientnet-b\d/head/")
+_CLASSIFIER = re.compile(r"^efficientnet-(b|lite)\d/head/")
 
 
 class PortError(ValueError):
@@ -112,8 +112,9 @@ def _summarise(names, limit: int = 8) -> str:
 def port_tf_checkpoint(checkpoint, model_name: str, ema: bool = True, backbone_only: bool = False) -> PortResult:
     """Port the checkpoint at `checkpoint` (folder or prefix) into `model_name`'s PyTorch layout.
 
-    `backbone_only` ports `efficientnet-bN/...` variables into the backbone alone (keys relative to
-    `model.backbone`), e.g. from an official ImageNet EfficientNet checkpoint.
+    `backbone_only` ports `efficientnet-bN/...` (`efficientnet-liteN/...` for a Lite model) variables into
+    the backbone alone (keys relative to `model.backbone`), e.g. from an official ImageNet EfficientNet
+    (-Lite) checkpoint.
     """
     get_config(model_name)  # a clear error for an unknown name
     reader = TFCheckpointReader(checkpoint)
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-ema", action="store_true",
                         help="use the raw variables instead of their ExponentialMovingAverage shadows")
     parser.add_argument("--backbone-only", action="store_true",
-                        help="port an EfficientNet (efficientnet-bN/...) checkpoint into the backbone only")
+                        help="port an ImageNet EfficientNet (efficientnet-bN/... or efficientnet-liteN/...) "
+                             "checkpoint into the backbone only")
     args = parser.parse_args(argv)
     try:
         result = port_tf_checkpoint(args.checkpoint, args.model, ema=not args.no_ema,

@@ -1,7 +1,8 @@
 """Map every parameter and BN buffer of our modules to the variable(s) of the official TF checkpoints.
 
-Names follow the released checkpoints (`efficientdet-d*.tar.gz`, also what the official Keras and legacy
-TF1 builds create): see `../shared/fixtures/tf_reference_d0/README.md` for the conventions. The map is
+Names follow the released checkpoints (`efficientdet-d*.tar.gz`, `efficientdet-lite*.tgz`, also what the
+official Keras and legacy TF1 builds create): see `../shared/fixtures/tf_reference_d0/README.md` and
+`tf_reference_lite0/README.md` for the conventions (Lite: no `se/` and no `WSM` variables). The map is
 derived from a built module, so it can never disagree with the module structure.
 """
 from __future__ import annotations
@@ -45,7 +46,7 @@ def _resample(out: NameMap, key: str, resample: ResampleFeatureMap, tf: str) -> 
 
 
 def backbone_names(backbone: EfficientNet, key: str = "") -> NameMap:
-    """Backbone keys (prefixed by `key`) -> `efficientnet-bN/...` names.
+    """Backbone keys (prefixed by `key`) -> `efficientnet-bN/...` (or `efficientnet-liteN/...`) names.
 
     In a block with expansion the TF layers are numbered in creation order: `conv2d` (expand),
     `conv2d_1` (project), `tpu_batch_normalization{,_1,_2}` (expand, depthwise, project); without
@@ -63,8 +64,9 @@ def backbone_names(backbone: EfficientNet, key: str = "") -> NameMap:
             _bn(out, f"{k}.bn_expand", next(bns))
         out[f"{k}.conv_dw.weight"] = f"{t}/depthwise_conv2d/depthwise_kernel"
         _bn(out, f"{k}.bn_dw", next(bns))
-        _conv(out, f"{k}.se.conv_reduce", block.se.conv_reduce, f"{t}/se/conv2d")
-        _conv(out, f"{k}.se.conv_expand", block.se.conv_expand, f"{t}/se/conv2d_1")
+        if block.se is not None:  # Lite backbones have no SE
+            _conv(out, f"{k}.se.conv_reduce", block.se.conv_reduce, f"{t}/se/conv2d")
+            _conv(out, f"{k}.se.conv_expand", block.se.conv_expand, f"{t}/se/conv2d_1")
         _conv(out, f"{k}.conv_project", block.conv_project, f"{t}/conv2d_1" if block.expand else f"{t}/conv2d")
         _bn(out, f"{k}.bn_project", next(bns))
     return out
