@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .autoaugment import AUTOAUGMENT_CHOICES, augment
 from .image_io import to_rgb8
 
 # official hparams_config.py `mean_rgb` / `stddev_rgb` (ImageNet statistics x 255, as Python floats)
@@ -100,7 +101,9 @@ def preprocess_for_eval(image, image_size) -> tuple[torch.Tensor, float]:
 class TrainTransform:
     """Official training augmentation (`dataloader.InputReader.dataset_parser`, training branch).
 
-    Order, as official: normalise -> random horizontal flip (p = 0.5, `preprocessor.random_horizontal_flip`)
+    Order, as official: [only with `autoaugment`: the AutoAugment / RandAugment policy of `data/autoaugment.py`
+    on the uint8 image and normalised boxes] -> normalise -> random horizontal flip (p = 0.5,
+    `preprocessor.random_horizontal_flip`)
     -> random scale `U(jitter_min, jitter_max)` of the output size (`set_training_random_scale_factors`) ->
     bilinear resize of the whole image -> crop at a random offset (non-zero only where the scaled image is
     larger than the output) -> zero pad to the output size. Boxes follow the official `resize_and_crop_boxes`:
@@ -108,12 +111,15 @@ class TrainTransform:
     offset, clipped to `[0, S - 1]` (sic: the official clip uses `output_size - 1`), and boxes whose area is
     then zero are dropped with their classes.
 
-    Random draws, in this order from the given `numpy.random.Generator`: flip (`u > 0.5`, only if `hflip`),
-    scale factor, offset y, offset x (the offsets are always drawn, so the stream does not depend on sizes).
+    Random draws, in this order from the given `numpy.random.Generator`: the policy's draws (only with
+    `autoaugment`), flip (`u > 0.5`, only if `hflip`), scale factor, offset y, offset x (the offsets are always drawn, so the stream does not depend on sizes).
     """
 
-    def __init__(self, image_size, jitter_min: float = 0.1, jitter_max: float = 2.0, hflip: bool = True):
-        self.output_hw = _size_hw(image_size)
+    def __init__(self, image_size, jitter_min: float = 0.1, jitter_max: float = 2.0, hflip: bool = True,
+                 autoaugment: str | None = None):
+        if autoaugment is not None and autoaugment not in AUTOAUGMENT_CHOICES:
+            raise ValueError(f"autoaugment {autoaugment!r}: expected one of {', '.join(AUTOAUGMENT_CHOICES)}")
+        self.output_hw, self.autoaugment = _size_hw(image_size), autoaugment
         self.jitter_min, self.jitter_max, self.hflip = float(jitter_min), float(jitter_max), bool(hflip)
 
     def __call__(self, image, boxes, classes, rng: np.random.Generator
@@ -134,6 +140,9 @@ class TrainTransform:
         classes = torch.as_tensor(np.asarray(classes, dtype=np.int64).reshape(-1))
         # boxes are normalised to [0, 1] by the image size (official create_coco_tfrecord.py / tf_example_decoder)
         norm = boxes / torch.tensor([height, width, height, width], dtype=torch.float32)
+        if self.autoaugment:  # official dataloader.py: on the decoded uint8 image, before normalise and flip
+            array, augmented = augment(array, norm.numpy(), self.autoaugment, rng)
+            array, norm = np.ascontiguousarray(array), torch.from_numpy(np.array(augmented, dtype=np.float32))
         x = normalize_image(array)
 
         if self.hflip and rng.random() > 0.5:  # preprocessor.random_horizontal_flip: uniform > 0.5
