@@ -112,7 +112,8 @@ class TrainTransform:
     then zero are dropped with their classes.
 
     Random draws, in this order from the given `numpy.random.Generator`: the policy's draws (only with
-    `autoaugment`), flip (`u > 0.5`, only if `hflip`), scale factor, offset y, offset x (the offsets are always drawn, so the stream does not depend on sizes).
+    `autoaugment`), flip (`u > 0.5`, only if `hflip`), scale factor, offset y, offset x (the offsets are always
+    drawn, so the stream does not depend on sizes).
     """
 
     def __init__(self, image_size, jitter_min: float = 0.1, jitter_max: float = 2.0, hflip: bool = True,
