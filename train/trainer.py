@@ -39,7 +39,7 @@ from utils.weights import atomic_torch_save, load_weights
 MAX_NON_FINITE_IN_A_ROW = 5
 # Flags that define a run: --resume must be given the same ones.
 RUN_FLAGS = ("model", "image_size", "batch_size", "epochs", "lr", "warmup_epochs", "weight_decay", "clip_norm",
-             "ema_decay", "label_smoothing", "jitter", "assigner", "amp", "seed")
+             "ema_decay", "label_smoothing", "jitter", "autoaugment", "assigner", "amp", "seed")
 
 
 class Trainer:
@@ -55,7 +55,8 @@ class Trainer:
         self.image_size = args.image_size or get_config(self.model_name).image_size
         check_image_size(self.image_size, self.image_size, get_config(self.model_name).size_divisor, "--image-size")
         self.train_set = CocoDetection(ann, images, train=True, image_size=self.image_size, seed=args.seed,
-                                       transform=TrainTransform(self.image_size, *args.jitter))
+                                       transform=TrainTransform(self.image_size, *args.jitter,
+                                                                autoaugment=args.autoaugment))
         if self.validate:
             ann, images = dataset_paths(args, "val")
             self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size)
