@@ -23,6 +23,7 @@ sys.path.insert(0, str(REPO))
 from model import AnchorGenerator, build_model  # noqa: E402
 from model.postprocess import postprocess  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
+from utils.cpu import describe  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tf_reference_d0"
 
@@ -51,6 +52,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     anchors = AnchorGenerator.from_config(build_model("efficientdet-d0").config)((512, 512))
     sources = ["fixture", "random"] if (FIXTURE / "model.index").is_file() else ["random"]
+    print(f"torch {torch.__version__}, {args.threads} threads, {describe()}\n")
     print(f"| weights | batch | path | NMS | ms / image (median of {args.runs}) |")
     print("|---|---|---|---|---|")
     for source in sources:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -40,6 +38,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from utils.cpu import describe  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -269,10 +268,8 @@ def main(argv=None) -> None:
             print("effdet is not installed: `pip install -r benchmarks/requirements.txt` to compare against it; "
                   "running this repo's side alone.\n")
             peer = False
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
     print(f"command: python {' '.join(sys.argv)}")
-    print(f"torch {torch.__version__}, {args.threads} threads, {cpu} ({os.cpu_count()} CPUs), "
+    print(f"torch {torch.__version__}, {args.threads} threads, {describe()}, "
           f"median of {args.runs} runs after {args.warmup} warm-up, A/B alternated\n")
     columns = ["variant", "mode", "precision", "batch", "ours img/s", "effdet img/s", "ratio",
                "ours peak RSS (MB)", "effdet peak RSS (MB)", "RSS ratio", "max \\|delta\\| vs plain fp32"]

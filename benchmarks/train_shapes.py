@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from utils.cpu import describe  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +50,8 @@ def main() -> None:
     subprocess.run(eval_cmd, cwd=REPO, check=True)
     stats = json.loads((output / "eval" / "metrics_val.json").read_text())["stats"]
 
-    print("\n| model | image | epochs | train wall time | train img/s (median) | val mAP | val mAP@0.5 |")
+    print(f"\n{describe()}")
+    print("| model | image | epochs | train wall time | train img/s (median) | val mAP | val mAP@0.5 |")
     print("|---|---|---|---|---|---|---|")
     rate = sorted(rates)[len(rates) // 2] if rates else float("nan")
     print(f"| efficientdet-d0 | {args.image_size} | {args.epochs:g} | {train_seconds / 60:.1f} min | {rate:.1f} | "

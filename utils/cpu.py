@@ -1,0 +1,63 @@
+"""What this CPU can run: its model name, the instruction-set flags that decide low-precision speed and
+support, and whether oneDNN (PyTorch's CPU conv/GEMM library) has a bf16 / fp16 path on it.
+
+* bf16: oneDNN needs AVX512 (AVX512-BF16 or AMX-BF16 make it fast; plain AVX512 emulates it).
+* fp16: oneDNN needs AVX512-FP16, AVX-NE-CONVERT or AMX-FP16: an AMD EPYC with AVX512-BF16 has none of
+  them, and its fp16 convs fail inside oneDNN (`mkldnn_reorder_conv2d_weight: fp16 path needs ...`).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+FLAGS = ("amx_bf16", "amx_fp16", "avx512_bf16", "avx512_fp16", "avx_ne_convert", "avx512f", "avx2")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+    path = Path("/proc/cpuinfo")
+    if not path.exists():
+        return {}
+    info = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    return info
+
+
+def cpu_name() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_flags() -> dict[str, bool]:
+    """The FLAGS above that this CPU has (from /proc/cpuinfo; all False where it is absent)."""
+    present = set(_cpuinfo().get("flags", "").split())
+    return {flag: flag in present for flag in FLAGS}
+
+
+def describe() -> str:
+    """One line for benchmark tables: `AMD EPYC (2 CPUs): AMX no, AVX512-BF16 yes, AVX512-FP16 no`."""
+    f = {k: "yes" if v else "no" for k, v in cpu_flags().items()}
+    return (f"{cpu_name()} ({os.cpu_count()} CPUs): AMX {f['amx_bf16']}, AVX512-BF16 {f['avx512_bf16']}, "
+            f"AVX512-FP16 {f['avx512_fp16']}")
+
+
+def unsupported_precision(precision: str, device: torch.device | str = "cpu") -> str | None:
+    """Why `precision` ("fp32" / "bf16" / "fp16") cannot run on `device`, or None when it can."""
+    if torch.device(device).type != "cpu" or precision == "fp32":
+        return None
+    if not torch.backends.mkldnn.is_available():
+        return f"precision {precision} on CPU needs PyTorch's oneDNN backend, which this build lacks"
+    supported = {"bf16": torch.ops.mkldnn._is_mkldnn_bf16_supported,
+                 "fp16": torch.ops.mkldnn._is_mkldnn_fp16_supported}[precision]
+    if supported():
+        return None
+    need = ("AVX512 (fast with AVX512-BF16 or AMX)" if precision == "bf16"
+            else "AVX512-FP16, AVX-NE-CONVERT or AMX-FP16")
+    return (f"precision {precision} is not supported on this CPU ({cpu_name()}): oneDNN's {precision} kernels need "
+            f"{need}; use --precision fp32" + (" or bf16" if precision == "fp16" and
+                                                torch.ops.mkldnn._is_mkldnn_bf16_supported() else ""))
