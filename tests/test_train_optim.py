@@ -134,3 +134,29 @@ def test_one_training_step_end_to_end_d0():
     assert math.isfinite(losses[0]) and losses[1] < losses[0]
     assert targets.num_positives.item() > 3  # several anchors per box
     assert not torch.equal(ema.module.class_net.predict.conv_pw.bias, model.class_net.predict.conv_pw.bias)
+
+
+def test_fusion_weights_are_clipped_per_tf_scalar():
+    """TF holds a BiFPN node's fusion weights as scalars `WSM`, `WSM_1`, ...: `tf.clip_by_norm` sees each one
+    alone, so a gradient [12, 1] becomes [10, 1] before the global clip (as one tensor: [9.96, 0.83])."""
+    model = build_model("efficientdet-d0")
+    groups = build_optimizer(model, lr=0.01).param_groups
+    stacked = [g for g in groups if g.get("per_element")]
+    assert len(stacked) == 1 and len(stacked[0]["params"]) == 24 and stacked[0]["l2"] == 0.0
+    w = nn.Parameter(torch.zeros(2))
+    opt = EfficientDetSGD([{"params": [w], "l2": 0.0, "per_element": True}], lr=1.0, momentum=0.0,
+                          clip_norm=10.0)
+    w.grad = torch.tensor([8.0, 8.0])
+    assert opt.clip_gradients_().item() == pytest.approx(10.0)  # global clip: sqrt(128) -> 10
+    assert w.grad.tolist() == pytest.approx([10 / math.sqrt(2)] * 2)
+    w.grad = torch.tensor([12.0, 1.0])
+    clip_gradients_([], 100.0, per_element=[w])
+    assert w.grad.tolist() == pytest.approx([12.0, 1.0])
+    clip_gradients_([], 10.0, per_element=[w])  # per scalar: 12 -> 10, then global sqrt(101) -> 10
+    assert w.grad.tolist() == pytest.approx([100 / math.sqrt(101), 10 / math.sqrt(101)])
+
+
+def test_reg_l2_loss_value():
+    v, u = nn.Parameter(torch.tensor([3.0, 4.0])), nn.Parameter(torch.tensor([5.0]))
+    opt = EfficientDetSGD([{"params": [v], "l2": 0.1}, {"params": [u], "l2": 0.0}], lr=0.1)
+    assert opt.reg_l2_loss().item() == pytest.approx(0.1 * 25 / 2)

@@ -110,15 +110,9 @@ class TargetAssigner:
         by ``"iou"`` (to the first anchor, as the official argmax does) with a meaningless box target.
         """
         anchors = self.anchors.to(gt_boxes.device)
-        batch, num_gt = gt_classes.shape
+        num_gt = gt_classes.shape[1]
         gt_boxes, gt_classes = gt_boxes.float(), gt_classes.long()
-        valid = gt_classes >= 0
-        if num_gt == 0:
-            matches = torch.full((batch, anchors.shape[0]), -1, dtype=torch.long, device=gt_boxes.device)
-        elif self.method == "iou":
-            matches = self._match_iou(anchors, gt_boxes, valid)
-        else:
-            matches = self._match_atss(anchors, gt_boxes, valid)
+        matches = self.match(gt_boxes, gt_classes)
         positive = matches >= 0
         cls_targets = torch.full_like(matches, BACKGROUND)
         box_targets = torch.zeros(*matches.shape, 4, device=gt_boxes.device)
@@ -129,6 +123,19 @@ class TargetAssigner:
             # Official target_assigner: encode the matched gt for matched anchors, zeros elsewhere.
             box_targets = torch.where(positive[..., None], self.box_coder.encode(matched, anchors), box_targets)
         return Targets(cls_targets, box_targets, positive.sum().float())
+
+    @torch.no_grad()
+    def match(self, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> torch.Tensor:
+        """`[B, A]` int64: the gt row (index into `gt_boxes[b]`) each anchor is assigned to, -1 = background
+        (the official `match_results`). Same arguments as `__call__`."""
+        anchors = self.anchors.to(gt_boxes.device)
+        batch, num_gt = gt_classes.shape
+        valid = gt_classes >= 0
+        if num_gt == 0:
+            return torch.full((batch, anchors.shape[0]), -1, dtype=torch.long, device=gt_boxes.device)
+        if self.method == "iou":
+            return self._match_iou(anchors, gt_boxes.float(), valid)
+        return self._match_atss(anchors, gt_boxes.float(), valid)
 
     def _match_iou(self, anchors: torch.Tensor, gt_boxes: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """`[B, A]` gt index per anchor (-1 background), official ArgMaxMatcher semantics."""

@@ -63,15 +63,20 @@ class _SigmoidFocalLoss(torch.autograd.Function):
         return z, ce, positive, positive_index, keep
 
     @staticmethod
+    def per_anchor(logits, cls_targets, alpha: float, gamma: float, label_smoothing: float) -> torch.Tensor:
+        """One image: logits `[A, C]`, cls_targets `[A]` -> the loss summed over classes `[A]` (0 if IGNORE)."""
+        z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(logits, cls_targets, label_smoothing)
+        element = _power(torch.sigmoid(z), gamma).mul_(ce)  # loss without alpha_t
+        per_anchor = element.sum(-1).mul_(1 - alpha)
+        # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
+        per_anchor[positive] += (2 * alpha - 1) * element.view(-1)[positive_index]
+        return per_anchor.mul_(keep)
+
+    @staticmethod
     def forward(ctx, logits, cls_targets, alpha: float, gamma: float, label_smoothing: float):
         total = logits.new_zeros(())
         for image_logits, targets in zip(logits, cls_targets):
-            z, ce, positive, positive_index, keep = _SigmoidFocalLoss._terms(image_logits, targets, label_smoothing)
-            element = _power(torch.sigmoid(z), gamma).mul_(ce)  # loss without alpha_t
-            per_anchor = element.sum(-1).mul_(1 - alpha)
-            # alpha_t: 1 - alpha everywhere, then alpha - (1 - alpha) more on the (few) positive entries.
-            per_anchor[positive] += (2 * alpha - 1) * element.view(-1)[positive_index]
-            total += (per_anchor * keep).sum()
+            total += _SigmoidFocalLoss.per_anchor(image_logits, targets, alpha, gamma, label_smoothing).sum()
         ctx.save_for_backward(logits, cls_targets)
         ctx.params = (alpha, gamma, label_smoothing)
         return total
@@ -99,6 +104,16 @@ def focal_loss_sum(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float
     """Unnormalised focal loss: `logits [B, A, C]` (any float dtype, computed in float32), `cls_targets [B, A]`
     int64 (class >= 0 positive, -1 background, -2 ignored) -> scalar."""
     return _SigmoidFocalLoss.apply(logits.float().contiguous(), cls_targets, alpha, gamma, label_smoothing)
+
+
+@torch.no_grad()
+def focal_loss_per_anchor(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float = 0.25,
+                          gamma: float = 1.5, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The terms of `focal_loss_sum` summed over classes only: `[B, A]` float32 (no gradient), for inspection
+    (the official per-anchor loss map before normalisation)."""
+    logits = logits.float()
+    return torch.stack([_SigmoidFocalLoss.per_anchor(image_logits, targets, alpha, gamma, label_smoothing)
+                        for image_logits, targets in zip(logits, cls_targets)])
 
 
 def box_loss_sum(box_outputs: torch.Tensor, box_targets: torch.Tensor, delta: float = 0.1) -> torch.Tensor:

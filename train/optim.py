@@ -8,7 +8,11 @@ Official step (`det_model_fn._model_fn`, TF1 estimator path, which trained the r
 
 `EfficientDetSGD.step` reproduces that order: the L2 gradient `wd * v` is added *before* clipping, so it is
 clipped with the rest (torch's own `weight_decay` would add it after any clipping), then the momentum update,
-which is TF1's: `accum = m * accum + g; v -= lr * accum` (= torch SGD, dampening 0, no Nesterov).
+which is TF1's: `accum = m * accum + g; v -= lr * accum` (= torch SGD, dampening 0, no Nesterov). The TF2
+trainer's Keras SGD keeps `m = 0.9 m - lr g` instead: the same update for a constant rate.
+
+Clipping is per TF variable: the BiFPN fusion weights of a node are one tensor here (`edge_weights`) but one
+scalar variable each in TF (`WSM`, `WSM_1`, ...), so their gradients are clipped element by element.
 """
 from __future__ import annotations
 
@@ -17,6 +21,10 @@ from typing import Iterable
 
 import torch
 from torch import nn
+
+
+# Parameters that stack several TF scalar variables (BiFPN fast-fusion weights `WSM`, `WSM_1`, ...).
+STACKED_SCALARS = ("edge_weights",)
 
 
 def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
@@ -32,21 +40,30 @@ def decay_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def param_groups(model: nn.Module, weight_decay: float = 4e-5) -> list[dict]:
-    """Two groups for `EfficientDetSGD`: `{"params": conv/dense weights, "l2": weight_decay}` and the rest with
-    `"l2": 0`. `"l2"` is the official L2 coefficient (`hparams_config.weight_decay`)."""
+    """Groups for `EfficientDetSGD`: `{"params": conv/dense weights, "l2": weight_decay}`, the rest with
+    `"l2": 0`, and (when the model has any) the stacked TF scalars of `STACKED_SCALARS` with `"l2": 0,
+    "per_element": True`. `"l2"` is the official L2 coefficient (`hparams_config.weight_decay`)."""
     decayed, other = decay_parameters(model)
-    return [{"params": decayed, "l2": weight_decay}, {"params": other, "l2": 0.0}]
+    stacked = {id(p) for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] in STACKED_SCALARS}
+    groups = [{"params": decayed, "l2": weight_decay},
+              {"params": [p for p in other if id(p) not in stacked], "l2": 0.0}]
+    if stacked:
+        groups.append({"params": [p for p in other if id(p) in stacked], "l2": 0.0, "per_element": True})
+    return groups
 
 
 @torch.no_grad()
-def clip_gradients_(parameters: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+def clip_gradients_(parameters: Iterable[torch.Tensor], max_norm: float,
+                    per_element: Iterable[torch.Tensor] = ()) -> torch.Tensor:
     """Official clipping, in place: each gradient to norm <= max_norm (`tf.clip_by_norm`), then all of them
     together to global norm <= max_norm (`tf.clip_by_global_norm`). Returns the global norm after clipping
-    (what the official code logs as `gradient_norm`).
+    (what the official code logs as `gradient_norm`). The gradients of `per_element` parameters are clipped
+    element by element (each element is its own TF variable, see `STACKED_SCALARS`).
 
     TF scales by `max_norm / max(norm, max_norm)`: a tensor (or the set) already within the bound is untouched.
     """
     grads = [p.grad for p in parameters if p.grad is not None]
+    grads += [g for p in per_element if p.grad is not None for g in p.grad.view(-1).unbind()]  # in-place views
     if not grads:
         return torch.tensor(0.0)
     norms = torch.stack(torch._foreach_norm(grads)).float()
@@ -63,7 +80,8 @@ class EfficientDetSGD(torch.optim.SGD):
     Takes param groups carrying `"l2"` (see `param_groups`). Works under `torch.amp.GradScaler`
     (`scaler.step(opt)` unscales before calling `step`). With DDP the gradients are already averaged when
     `step` runs; the official TPU code clipped each replica's gradient before its cross-replica sum.
-    `last_grad_norm` holds the global gradient norm after clipping of the last step.
+    `last_grad_norm` holds the global gradient norm after clipping of the last step. `step` runs
+    `add_l2_gradients_`, `clip_gradients_` and the SGD update, in this order.
     """
 
     def __init__(self, params, lr: float, momentum: float = 0.9, clip_norm: float | None = 10.0):
@@ -75,14 +93,33 @@ class EfficientDetSGD(torch.optim.SGD):
     def step(self, closure=None):
         if closure is not None:
             raise ValueError("EfficientDetSGD.step does not take a closure (gradients are modified before the step)")
+        self.add_l2_gradients_()
+        if self.clip_norm:
+            self.last_grad_norm = self.clip_gradients_()
+        return super().step()
+
+    @torch.no_grad()
+    def add_l2_gradients_(self) -> None:
+        """grad += l2 * v: the gradient of the official `reg_l2_loss` term (`reg_l2_loss`)."""
         for group in self.param_groups:
             if group.get("l2", 0.0):
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.add_(p, alpha=group["l2"])  # d/dv of l2 * sum(v^2) / 2
-        if self.clip_norm:
-            self.last_grad_norm = clip_gradients_([p for g in self.param_groups for p in g["params"]], self.clip_norm)
-        return super().step()
+
+    def clip_gradients_(self) -> torch.Tensor:
+        """The official two-stage clipping of every gradient at `clip_norm` (`clip_gradients_`)."""
+        whole = [p for g in self.param_groups if not g.get("per_element") for p in g["params"]]
+        split = [p for g in self.param_groups if g.get("per_element") for p in g["params"]]
+        return clip_gradients_(whole, self.clip_norm, per_element=split)
+
+    @torch.no_grad()
+    def reg_l2_loss(self) -> torch.Tensor:
+        """The official `reg_l2_loss` value, `sum over groups of l2 * sum(v^2) / 2` (the step adds its
+        gradient; the value is only reported)."""
+        terms = [group["l2"] * sum(p.float().square().sum() for p in group["params"]) / 2
+                 for group in self.param_groups if group.get("l2", 0.0)]
+        return sum(terms, torch.tensor(0.0))
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 4e-5,
