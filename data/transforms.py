@@ -2,8 +2,10 @@
 and `inference.image_preprocess`.
 
 Layouts: images enter as RGB uint8 `[H, W, 3]` (numpy or PIL) and leave as float32 `[3, S_h, S_w]` tensors
-normalised `(x - MEAN_RGB) / STDDEV_RGB` (x in 0..255). Boxes are (ymin, xmin, ymax, xmax) ("yxyx") float32
-pixels. Normalisation happens before resizing, so the zero padding at the bottom / right is the mean colour.
+normalised `(x - mean_rgb) / stddev_rgb` (x in 0..255) with the model's constants (`EfficientDetConfig.mean_rgb`
+/ `stddev_rgb`: ImageNet statistics for D0-D7x, 127 / 128 for Lite; MEAN_RGB / STDDEV_RGB are the D-family
+defaults). Boxes are (ymin, xmin, ymax, xmax) ("yxyx") float32 pixels. Normalisation happens before resizing,
+so the zero padding at the bottom / right is the mean colour (127 for Lite).
 
 Scalar arithmetic (scales, scaled sizes, offsets) is done in float32 with truncating integer casts, exactly
 as the official TF graph does it, so the scaled sizes and `image_scale` agree bit for bit.
@@ -15,14 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.config import IMAGENET_MEAN_RGB as MEAN_RGB
+from model.config import IMAGENET_STDDEV_RGB as STDDEV_RGB
+
 from .autoaugment import AUTOAUGMENT_CHOICES, augment
 from .image_io import to_rgb8
-
-# official hparams_config.py `mean_rgb` / `stddev_rgb` (ImageNet statistics x 255, as Python floats)
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
-_MEAN = torch.tensor(MEAN_RGB, dtype=torch.float32).view(3, 1, 1)
-_STD = torch.tensor(STDDEV_RGB, dtype=torch.float32).view(3, 1, 1)
 
 _F32 = np.float32
 
@@ -48,11 +47,13 @@ def to_uint8_rgb(image) -> np.ndarray:
     return np.ascontiguousarray(array) if array.flags.writeable else array.copy()
 
 
-def normalize_image(image: np.ndarray) -> torch.Tensor:
+def normalize_image(image: np.ndarray, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB) -> torch.Tensor:
     """uint8 `[H, W, 3]` -> float32 `[3, H, W]`, `(x - mean) / std` (official `InputProcessor.normalize_image`:
-    cast, subtract the float32 mean, divide by the float32 std)."""
+    cast, subtract the float32 mean, divide by the float32 std; a scalar applies to every channel)."""
     x = torch.from_numpy(image).permute(2, 0, 1).to(torch.float32)
-    return (x - _MEAN) / _STD
+    mean = torch.as_tensor(mean_rgb, dtype=torch.float32).reshape(-1, 1, 1)
+    std = torch.as_tensor(stddev_rgb, dtype=torch.float32).reshape(-1, 1, 1)
+    return (x - mean) / std
 
 
 def resize_bilinear(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -79,12 +80,13 @@ def _scaled_size(height: int, width: int, scale_y, scale_x) -> tuple[_F32, int, 
     return scale, int(_F32(height) * scale), int(_F32(width) * scale)
 
 
-def preprocess_for_eval(image, image_size) -> tuple[torch.Tensor, float]:
+def preprocess_for_eval(image, image_size, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB) -> tuple[torch.Tensor, float]:
     """Official inference / eval preprocessing (`inference.image_preprocess`, `set_scale_factors_to_output_size`).
 
     Args:
         image: RGB uint8 array `[H0, W0, 3]` or a PIL image.
         image_size: network input size S (int) or `(S_h, S_w)`.
+        mean_rgb, stddev_rgb: the model's normalisation (`config.mean_rgb`, `config.stddev_rgb`).
     Returns:
         `(tensor [3, S_h, S_w] float32, image_scale)`: the image resized by `scale = min(S_h/H0, S_w/W0)` to
         `(int(H0*scale), int(W0*scale))` at the top-left, zeros elsewhere; `image_scale = 1 / scale` (float32
@@ -94,7 +96,7 @@ def preprocess_for_eval(image, image_size) -> tuple[torch.Tensor, float]:
     out_h, out_w = _size_hw(image_size)
     height, width = array.shape[:2]
     scale, scaled_h, scaled_w = _scaled_size(height, width, _F32(out_h) / _F32(height), _F32(out_w) / _F32(width))
-    resized = resize_bilinear(normalize_image(array), (scaled_h, scaled_w))
+    resized = resize_bilinear(normalize_image(array, mean_rgb, stddev_rgb), (scaled_h, scaled_w))
     return _crop_and_pad(resized, 0, 0, (out_h, out_w)), float(_F32(1.0) / scale)
 
 
@@ -114,14 +116,16 @@ class TrainTransform:
     Random draws, in this order from the given `numpy.random.Generator`: the policy's draws (only with
     `autoaugment`), flip (`u > 0.5`, only if `hflip`), scale factor, offset y, offset x (the offsets are always
     drawn, so the stream does not depend on sizes).
+    mean_rgb, stddev_rgb: the model's normalisation (`config.mean_rgb`, `config.stddev_rgb`).
     """
 
     def __init__(self, image_size, jitter_min: float = 0.1, jitter_max: float = 2.0, hflip: bool = True,
-                 autoaugment: str | None = None):
+                 autoaugment: str | None = None, mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
         if autoaugment is not None and autoaugment not in AUTOAUGMENT_CHOICES:
             raise ValueError(f"autoaugment {autoaugment!r}: expected one of {', '.join(AUTOAUGMENT_CHOICES)}")
         self.output_hw, self.autoaugment = _size_hw(image_size), autoaugment
         self.jitter_min, self.jitter_max, self.hflip = float(jitter_min), float(jitter_max), bool(hflip)
+        self.mean_rgb, self.stddev_rgb = mean_rgb, stddev_rgb
 
     def __call__(self, image, boxes, classes, rng: np.random.Generator
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -144,7 +148,7 @@ class TrainTransform:
         if self.autoaugment:  # official dataloader.py: on the decoded uint8 image, before normalise and flip
             array, augmented = augment(array, norm.numpy(), self.autoaugment, rng)
             array, norm = np.ascontiguousarray(array), torch.from_numpy(np.array(augmented, dtype=np.float32))
-        x = normalize_image(array)
+        x = normalize_image(array, self.mean_rgb, self.stddev_rgb)
 
         if self.hflip and rng.random() > 0.5:  # preprocessor.random_horizontal_flip: uniform > 0.5
             x = x.flip(-1)
