@@ -158,6 +158,11 @@ class EfficientDetConfig:
         return 2 ** self.max_level
 
     @property
+    def image_hw(self) -> tuple[int, int]:
+        """The official input size as (height, width)."""
+        return parse_image_size(self.image_size)
+
+    @property
     def is_lite(self) -> bool:
         return "-lite" in self.backbone_name
 
@@ -200,6 +205,27 @@ VARIANTS.update((cfg.name, cfg) for cfg in (
     _lite("efficientdet-lite3x", "efficientnet-lite3", 640, 200, 6, 4, 3.0),
     _lite("efficientdet-lite4", "efficientnet-lite4", 640, 224, 7, 4, 4.0),
 ))
+
+
+def parse_image_size(image_size) -> tuple[int, int]:
+    """Official `utils.parse_image_size`: an int S -> (S, S); a "WxH" string (width first, as the official
+    code splits it: "640x384" is 640 wide and 384 high) -> (H, W); an (H, W) pair -> itself.
+
+    Raises a ValueError naming the expected forms for anything else (sizes themselves are checked by
+    `model.efficientdet.validate_image_size`).
+    """
+    if isinstance(image_size, str):
+        parts = image_size.lower().split("x")
+        if len(parts) in (1, 2) and all(p.strip().lstrip("+-").isdigit() for p in parts):
+            values = [int(p) for p in parts]
+            return (values[0], values[0]) if len(values) == 1 else (values[1], values[0])
+    elif isinstance(image_size, int) and not isinstance(image_size, bool):
+        return image_size, image_size
+    elif (isinstance(image_size, (tuple, list)) and len(image_size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in image_size)):
+        return int(image_size[0]), int(image_size[1])
+    raise ValueError(f"image size {image_size!r}: expected an integer S (S x S) or 'WxH' (width x height, "
+                     f"e.g. 640x384)")
 
 
 def get_config(name: str, **overrides) -> EfficientDetConfig:
