@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from .bad_images import BadImage
 from .image_io import ImageReadError, read_rgb
-from .transforms import TrainTransform, preprocess_for_eval
+from .transforms import MEAN_RGB, STDDEV_RGB, TrainTransform, preprocess_for_eval
 
 EXPECTED_LAYOUT = "expected layout: DIR/annotations/instances_{train,val}2017.json + DIR/{train,val}2017/"
 
@@ -103,6 +103,8 @@ class CocoDetection(Dataset):
         max_instances: boxes kept per image, in annotation order (official `max_instances_per_image=100`).
         seed: base seed of the augmentation; item `i` of epoch `e` uses `np.random.default_rng([seed, e, i])`,
             so results do not depend on DataLoader workers or order.
+        mean_rgb, stddev_rgb: the model's input normalisation (`config.mean_rgb` / `stddev_rgb`), used by the
+            eval preprocessing and the default training transform.
 
     Items (`ds[i]`):
         train: `(image [3, S, S] float32, {"boxes": [K, 4] yxyx float32 network px, "classes": [K] int64,
@@ -124,7 +126,8 @@ class CocoDetection(Dataset):
     """
 
     def __init__(self, ann_file, image_dir, *, train: bool, image_size=512, transform=None,
-                 label_map: str | None = None, max_instances: int = 100, seed: int = 0):
+                 label_map: str | None = None, max_instances: int = 100, seed: int = 0,
+                 mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
         self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"ann_file {self.ann_file} does not exist (expected a COCO instances json)"
@@ -136,7 +139,8 @@ class CocoDetection(Dataset):
             raise ValueError("transform: only used for training items; evaluation always uses the official "
                              "preprocessing (preprocess_for_eval)")
         self.train, self.image_size, self.max_instances, self.seed = train, image_size, int(max_instances), seed
-        self.transform = transform or (TrainTransform(image_size) if train else None)
+        self.normalization = {"mean_rgb": mean_rgb, "stddev_rgb": stddev_rgb}
+        self.transform = transform or (TrainTransform(image_size, **self.normalization) if train else None)
         self.epoch = 0
 
         data = _load_coco_json(self.ann_file)
@@ -238,7 +242,7 @@ class CocoDetection(Dataset):
         if not self.train:
             if isinstance(array, BadImage):
                 return array
-            image, scale = preprocess_for_eval(array, self.image_size)
+            image, scale = preprocess_for_eval(array, self.image_size, **self.normalization)
             return image, {"image_id": self.image_ids[index], "scale": scale, "orig_size": array.shape[:2]}
         rng = np.random.default_rng([self.seed, self.epoch, index])
         failures, loaded = [], index
