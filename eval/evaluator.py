@@ -15,12 +15,15 @@ from data.bad_images import BadImage, BadImageBudget, BadImageLimit
 from data.coco import CocoDetection, collate_detection
 from eval.coco_eval import detections_to_coco, evaluate_coco
 from model import AnchorGenerator, EfficientDet
+from model.config import parse_image_size
 from model.inference import prepare_for_inference
 from model.postprocess import Detections, postprocess
 
 
 class Detector(nn.Module):
-    """Model + anchors + post-processing: `forward(images [N, 3, S, S], scales [N]) -> Detections`.
+    """Model + anchors + post-processing: `forward(images [N, 3, S_h, S_w], scales [N]) -> Detections`.
+
+    image_size: the network input size, S or (S_h, S_w).
 
     mode "eval" (official COCO path, per-class NMS over the top-5000) or "infer" (best class per anchor,
     class-agnostic NMS, boxes clipped); nms "soft" (official gaussian) or "hard" (IoU 0.5). The network runs
@@ -28,12 +31,12 @@ class Detector(nn.Module):
     optionally `torch.compile`d); post-processing always runs in float32.
     """
 
-    def __init__(self, model: EfficientDet, image_size: int, mode: str = "eval", nms: str = "soft",
+    def __init__(self, model: EfficientDet, image_size: int | tuple[int, int], mode: str = "eval", nms: str = "soft",
                  precision: str = "fp32", compile: bool = False):
         super().__init__()
         self.model = prepare_for_inference(model, precision, compile=compile)
         self.mode, self.nms = mode, nms
-        self.image_size = (image_size, image_size)
+        self.image_size = parse_image_size(image_size)
         self.anchors = AnchorGenerator.from_config(model.config)
 
     @torch.no_grad()
