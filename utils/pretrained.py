@@ -18,6 +18,14 @@ from tqdm import tqdm
 from utils.port_tf import port_tf_checkpoint
 
 OFFICIAL_URL = "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/{model}.tar.gz"
+# The Lite checkpoints are .tgz (official README's table; its lite3x link has a stray '..gz').
+OFFICIAL_LITE_URL = "https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco/{model}.tgz"
+
+
+def official_url(model_name: str) -> str:
+    """URL of the official COCO checkpoint archive of `model_name`."""
+    lite = "-lite" in model_name
+    return (OFFICIAL_LITE_URL if lite else OFFICIAL_URL).format(model=model_name)
 
 
 def _has_tf_checkpoint(folder: Path) -> bool:
@@ -67,7 +75,7 @@ def resolve_pretrained(model_name: str, weights_dir: str | Path = "weights", dow
     folder = weights_dir / model_name
     if folder.is_dir() and _has_tf_checkpoint(folder):
         return port_folder(model_name, folder, pth)
-    url = url or OFFICIAL_URL.format(model=model_name)
+    url = url or official_url(model_name)
     if not download_missing:
         raise FileNotFoundError(
             f"{pth}: pretrained weights not found. Get the official checkpoint and port it:\n"
