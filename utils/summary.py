@@ -6,7 +6,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from model import VARIANTS, build_model
 
-# Paper (arXiv:1911.09070, Table 2) FLOPs in billions of multiply-adds at each variant's image size.
+# Paper (arXiv:1911.09070, Table 2) FLOPs in billions of multiply-adds at each variant's image size
+# (the Lite variants are not in the paper).
 PAPER_GFLOPS = {"efficientdet-d0": 2.5, "efficientdet-d1": 6.1, "efficientdet-d2": 11, "efficientdet-d3": 25,
                 "efficientdet-d4": 55, "efficientdet-d5": 135, "efficientdet-d6": 226, "efficientdet-d7": 325,
                 "efficientdet-d7x": 410}
@@ -18,16 +19,17 @@ def variant_summary(name: str, num_classes: int = 90) -> dict:
     with torch.device("meta"):
         model = build_model(name, num_classes=num_classes).eval()
         with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, size, size))
+            model(torch.empty(1, 3, *VARIANTS[name].image_hw))
     return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": counter.get_total_flops() / 2e9, "paper_gflops": PAPER_GFLOPS[name]}
+            "gmacs": counter.get_total_flops() / 2e9, "paper_gflops": PAPER_GFLOPS.get(name)}
 
 
 def summary_table(names) -> str:
-    lines = [f"{'model':<18}{'image':>6}{'params':>13}{'GMACs':>9}{'paper GFLOPs':>14}"]
+    lines = [f"{'model':<20}{'image':>6}{'params':>13}{'GMACs':>9}{'paper GFLOPs':>14}"]
     for name in names:
         s = variant_summary(name)
-        lines.append(f"{name:<18}{s['image_size']:>6}{s['params']:>13,}{s['gmacs']:>9.2f}{s['paper_gflops']:>14}")
+        paper = "-" if s["paper_gflops"] is None else s["paper_gflops"]
+        lines.append(f"{name:<20}{s['image_size']:>6}{s['params']:>13,}{s['gmacs']:>9.2f}{paper:>14}")
     return "\n".join(lines)
 
 
