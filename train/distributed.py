@@ -49,6 +49,17 @@ def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Element-wise mean of the float tensor `t` over the ranks (a detached copy); `t` itself when alone.
+
+    No gradient flows through the all-reduce: for normalisers and logged values."""
+    if not info.enabled:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return t / info.world_size
+
+
 def gather_lists(items: list, info: DistInfo) -> list:
     """Concatenation of every rank's `items` (on every rank)."""
     if not info.enabled:
