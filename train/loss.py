@@ -129,21 +129,28 @@ def box_loss_sum(box_outputs: torch.Tensor, box_targets: torch.Tensor, delta: fl
 
 def detection_loss(cls_outputs: list[torch.Tensor], box_outputs: list[torch.Tensor], cls_targets: torch.Tensor,
                    box_targets: torch.Tensor, num_positives: torch.Tensor, alpha: float = 0.25, gamma: float = 1.5,
-                   delta: float = 0.1, box_loss_weight: float = 50.0, label_smoothing: float = 0.0
-                   ) -> dict[str, torch.Tensor]:
+                   delta: float = 0.1, box_loss_weight: float = 50.0, label_smoothing: float = 0.0,
+                   num_replicas: int = 1) -> dict[str, torch.Tensor]:
     """Official detection loss from the raw head outputs.
 
     Args:
         cls_outputs, box_outputs: model outputs, lists over levels of `[B, A_l * C, H, W]` / `[B, A_l * 4, H, W]`.
-        cls_targets `[B, A]`, box_targets `[B, A, 4]`, num_positives (scalar): from `TargetAssigner`.
-            Official TPU training normalises by the positives of the per-replica batch, i.e. the local batch.
+        cls_targets `[B, A]`, box_targets `[B, A, 4]`: from `TargetAssigner`.
+        num_positives (scalar): the positives of the batch (`TargetAssigner`); with `num_replicas` > 1
+            processes, the mean over the processes of their batches' positives.
         alpha, gamma, delta, box_loss_weight, label_smoothing: official defaults (`hparams_config.py`).
+        num_replicas: processes whose gradients are averaged (DDP). The normaliser is then
+            `num_positives + 1 / num_replicas` = (positives of the global batch + 1) / num_replicas, so that
+            the averaged gradient, and the mean of the processes' losses, equal those of one process given
+            the whole global batch. (The official TF1 TPU path normalises by the per-replica batch alone;
+            `tf2/train_lib.py` with `positives_momentum` < 0 averages `positives + 1` over the replicas:
+            the same as here up to the +1, counted there once per replica.)
     Returns:
         `{"loss", "cls_loss", "box_loss", "num_positives"}`, float32 scalars; only "loss" is optimised.
     """
     cls_logits, box_preds = flatten_outputs(cls_outputs, box_outputs)
     with torch.autocast(cls_logits.device.type, enabled=False):
-        normaliser = num_positives.float() + 1.0
+        normaliser = num_positives.float() + 1.0 / num_replicas
         cls_loss = focal_loss_sum(cls_logits, cls_targets, alpha, gamma, label_smoothing) / normaliser
         box_loss = box_loss_sum(box_preds, box_targets, delta) / (4.0 * normaliser)
     return {"loss": cls_loss + box_loss_weight * box_loss, "cls_loss": cls_loss, "box_loss": box_loss,
