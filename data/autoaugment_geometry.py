@@ -22,29 +22,42 @@ _F32 = np.float32
 _DEG_TO_RAD = math.pi / 180.0
 
 
-def _round_half_away(values: np.ndarray) -> np.ndarray:
-    """`std::round` on float32: halves go away from zero (numpy's `round` goes to even)."""
-    magnitude = np.abs(values)
-    whole = np.floor(magnitude)
-    whole += (magnitude - whole) >= _F32(0.5)
-    return np.copysign(whole, values)
+def _nearest_index(coords: np.ndarray, size: int) -> np.ndarray:
+    """float32 sampling coordinates -> int64 pixel indices by `std::round` (half away from zero), and `size`
+    (the fill sentinel) where the rounded index falls outside [0, size). The + 0.5 is done in float64, where
+    it is exact, so floor(c + 0.5) is the rounding for c > -0.5; c <= -0.5 rounds below 0 (outside)."""
+    index = np.floor(coords.astype(np.float64) + 0.5)
+    outside = (coords <= _F32(-0.5)) | (index >= size)
+    return np.where(outside, size, index).astype(np.int64)
 
 
 def affine_nearest(image: np.ndarray, transform, replace) -> np.ndarray:
-    """`[H, W, 3]` uint8 warped by the 6 affine entries `(a0, a1, a2, b0, b1, b2)` of a TF projective transform
+    """`[H, W, C]` uint8 (C <= 4) warped by the 6 affine entries `(a0, a1, a2, b0, b1, b2)` of a TF projective transform
     (output -> input map, see module docstring); pixels sampled outside the input become `replace`."""
-    height, width = image.shape[:2]
+    height, width, channels = image.shape
     a0, a1, a2, b0, b1, b2 = (_F32(v) for v in transform)
     xs = np.arange(width, dtype=_F32)[None, :]
     ys = np.arange(height, dtype=_F32)[:, None]
+    fill = np.asarray(replace, dtype=np.uint8)
+    if a1 == 0 and b0 == 0:  # separable (translations): x reads depend on x only, y reads on y only
+        # the kernel's `a0 * x + 0 * y + a2` equals `a0 * x + a2` exactly
+        cols = _nearest_index(a0 * xs[0] + a2, width)
+        rows = _nearest_index(b1 * ys[:, 0] + b2, height)
+        padded = np.empty((height + 1, width + 1, channels), dtype=np.uint8)
+        padded[:height, :width] = image
+        padded[height, :], padded[:, width] = fill, fill
+        return np.take(np.take(padded, rows, axis=0), cols, axis=1)
     # same float32 operation order as the kernel: t0 * x + t1 * y + t2 (then / projection = 1)
-    in_x = _round_half_away((a0 * xs + a1 * ys) + a2)
-    in_y = _round_half_away((b0 * xs + b1 * ys) + b2)
-    inside = (in_x >= 0) & (in_x < width) & (in_y >= 0) & (in_y < height)
-    index = (np.where(inside, in_y, 0).astype(np.int64) * width + np.where(inside, in_x, 0).astype(np.int64))
-    out = image.reshape(-1, image.shape[2])[index.ravel()].reshape(image.shape)
-    out[~inside] = np.asarray(replace, dtype=np.uint8)
-    return out
+    in_x = _nearest_index((a0 * xs + a1 * ys) + a2, width)
+    in_y = _nearest_index((b0 * xs + b1 * ys) + b2, height)
+    sentinel = height * width
+    flat = np.where((in_x == width) | (in_y == height), sentinel, in_y * width + in_x)
+    # gather whole pixels as one 32-bit word each; the extra last pixel holds the fill colour
+    pixels = np.zeros((sentinel + 1, 4), dtype=np.uint8)
+    pixels[:sentinel, :channels] = image.reshape(-1, channels)
+    pixels[sentinel, :channels] = fill
+    words = np.take(pixels.view(np.uint32).reshape(-1), flat)
+    return np.ascontiguousarray(words.view(np.uint8).reshape(height, width, 4)[..., :channels])
 
 
 def _radians(degrees) -> _F32:
