@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from data.autoaugment import AUTOAUGMENT_CHOICES
+from train.freeze import FREEZE_PARTS
 from utils.cli import add_data_args, add_model_args, add_runtime_args, number
 
 
@@ -58,6 +59,12 @@ def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
     parser.add_argument("--save-every", type=number(int, 1), default=500, help="also save last.pth every N steps")
     parser.add_argument("--log-every", type=number(int, 1), default=20,
                         help="write a metrics.jsonl line every N steps")
+    parser.add_argument("--freeze", choices=list(FREEZE_PARTS), default=None,
+                        help="fine-tuning: train the heads only (backbone) or the heads and the BiFPN "
+                             "(backbone+fpn); frozen parts keep their weights and BN statistics")
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="also write TensorBoard event files to OUTPUT/tensorboard (needs the tensorboard "
+                             "package, not a dependency)")
     if validate:
         parser.add_argument("--eval-every", type=number(int, 1), default=1,
                             help="evaluate the EMA weights every N epochs")
@@ -65,6 +72,8 @@ def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
                             help="NMS of the per-epoch evaluation (soft: the official evaluation path)")
         parser.add_argument("--val-max-images", type=number(int, 1), default=None,
                             help="evaluate on the first K val images")
+        parser.add_argument("--keep", type=number(int, 0), default=0,
+                            help="also keep the N best checkpoints by val AP, best-epoch{E}-ap{AP}.pth")
 
 
 def add_trainval_args(parser: argparse.ArgumentParser) -> None:
