@@ -25,26 +25,35 @@ from data.transforms import TrainTransform
 from eval.coco_eval import evaluate_coco
 from eval.evaluator import Detector, run_detection
 from model import AnchorGenerator, build_model, get_config
+from model.config import BN_MOMENTUM
 from model.efficientdet import check_image_size
 from train.assign import TargetAssigner
-from train.distributed import all_agree, broadcast, cleanup, gather_lists, init_distributed
+from train.curves import draw_curves
+from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
 from train.ema import ModelEMA, unwrap_model
+from train.freeze import freeze_
+from train.keep_best import keep_best
 from train.loss import detection_loss
 from train.optim import CosineLrSchedule, build_optimizer
+from train.tensorboard_log import TensorBoardLog, summary_writer_class
 from utils.atomic import atomic_open
 from utils.cli import DEFAULT_MODEL, REPO, check_download_flag, dataset_paths, resolve_device
 from utils.pretrained import resolve_pretrained
 from utils.weights import atomic_torch_save, load_weights
 
 MAX_NON_FINITE_IN_A_ROW = 5
+LOSS_TERMS = ("loss", "cls_loss", "box_loss")
 # Flags that define a run: --resume must be given the same ones.
 RUN_FLAGS = ("model", "image_size", "batch_size", "epochs", "lr", "warmup_epochs", "weight_decay", "clip_norm",
-             "ema_decay", "label_smoothing", "jitter", "autoaugment", "assigner", "amp", "seed")
+             "ema_decay", "label_smoothing", "jitter", "autoaugment", "assigner", "amp", "seed",
+             "freeze")
 
 
 class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
+        if args.tensorboard:
+            summary_writer_class()  # a missing tensorboard package is said before any work
         self.dist, self.device = init_distributed(resolve_device(args.device))
         self.validate = hasattr(args, "eval_every")
         self.output = Path(args.output or f"runs/{args.model or DEFAULT_MODEL}")
@@ -69,6 +78,9 @@ class Trainer:
         self.memory_format = (torch.channels_last if self.device.type == "cpu" and not args.nchw
                               else torch.contiguous_format)
         self.model = self.model.to(memory_format=self.memory_format)
+        frozen = freeze_(self.model, args.freeze)  # before the optimiser is built: it leaves them out
+        if frozen:
+            self._say(f"frozen (weights and BN statistics): {' and '.join(frozen)}")
 
         per_rank = len(self.train_set) // self.dist.world_size
         self.steps_per_epoch = per_rank // args.batch_size
@@ -98,6 +110,7 @@ class Trainer:
         self.step, self.epoch, self.best_ap, self.non_finite = 0, 0, -1.0, 0
         self.start_time = time.perf_counter()
         self._prepare_run_folder()
+        self.tensorboard = TensorBoardLog(self.output) if args.tensorboard and self.dist.is_main else None
         torch.manual_seed(args.seed + self.dist.rank)  # drop-connect differs per rank, init did not
         if args.resume:
             self._resume()
@@ -201,15 +214,28 @@ class Trainer:
                           pin_memory=self.device.type == "cuda",
                           generator=torch.Generator().manual_seed(self.args.seed))  # keeps the global RNG untouched
 
-    def train_step(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> dict | None:
-        """One optimisation step; returns the losses, or None when the loss was not finite (step skipped)."""
+    def forward_losses(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+        """This process's `detection_loss` of a batch (`images [B, 3, S, S]`, padded `gt_boxes [B, M, 4]` yxyx
+        pixels, `gt_classes [B, M]`) through the training model, with autograd.
+
+        Under DDP each process normalises by the positives of the whole global batch (their mean over the
+        processes, as the multi-replica `tf2/train_lib.py`), so that DDP's averaged gradient and the mean of
+        the processes' losses do not depend on how the global batch is split over processes.
+        """
         targets = self.assigner(gt_boxes, gt_classes)
         autocast = (torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         with autocast:
             cls_outs, box_outs = self.train_model(images.contiguous(memory_format=self.memory_format))
-        losses = detection_loss(cls_outs, box_outs, targets.cls_targets, targets.box_targets, targets.num_positives,
-                                label_smoothing=self.args.label_smoothing)
+        return detection_loss(cls_outs, box_outs, targets.cls_targets, targets.box_targets,
+                              all_mean(targets.num_positives, self.dist), label_smoothing=self.args.label_smoothing,
+                              num_replicas=self.dist.world_size)
+
+    def train_step(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> dict | None:
+        """One optimisation step; returns the global batch's losses (under DDP: the mean over the processes,
+        the positives summed), or None when the loss was not finite (step skipped)."""
+        losses = self.forward_losses(images, gt_boxes, gt_classes)
         if not all_agree(bool(torch.isfinite(losses["loss"])), self.dist, self.device):
             self.optimizer.zero_grad(set_to_none=True)
             return None
@@ -219,7 +245,8 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.ema.update(self.model)
-        return {k: float(v.detach()) for k, v in losses.items()}
+        terms = all_mean(torch.stack([losses[k].detach() for k in LOSS_TERMS]), self.dist).tolist()
+        return {**dict(zip(LOSS_TERMS, terms)), "num_positives": float(losses["num_positives"]) * self.dist.world_size}
 
     def fit(self, max_steps: int | None = None) -> dict:
         """Train to the end (or for `max_steps` more steps, then save and stop). Returns the last metrics."""
@@ -276,6 +303,10 @@ class Trainer:
                 self.train_set.check_failures(failed, seen)
         finally:
             cleanup(self.dist)
+            if self.tensorboard is not None:
+                self.tensorboard.close()
+        if not self.validate and self.dist.is_main:
+            draw_curves(self.output)
         self._say(f"done: step {self.step}/{self.total_steps} in {_hms(time.perf_counter() - self.start_time)}"
                   + (f", best AP {self.best_ap:.4f}" if self.validate else ""))
         return last
@@ -295,16 +326,34 @@ class Trainer:
         stats = broadcast(stats, self.dist)
         improved = stats["AP"] > self.best_ap
         self.best_ap = max(self.best_ap, stats["AP"])
-        if improved and self.dist.is_main:
-            atomic_torch_save({**self._meta(), "ema_state_dict": self.ema.module.state_dict(), "step": self.step,
-                               "epoch": self.epoch + 1, "stats": stats}, self.output / "best.pth")
+        if self.dist.is_main:
+            checkpoint = {**self._meta(), "ema_state_dict": self.ema.module.state_dict(), "step": self.step,
+                          "epoch": self.epoch + 1, "stats": stats}
+            if improved:
+                atomic_torch_save(checkpoint, self.output / "best.pth")
+            if self.args.keep:
+                keep_best(self.output, checkpoint, self.epoch + 1, stats["AP"], self.args.keep)
         self._log({"type": "eval", "epoch": self.epoch + 1, "step": self.step, **stats, "best_AP": self.best_ap})
         self._say(f"epoch {self.epoch + 1}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}"
-                  f"  (best {self.best_ap:.4f}, {run['img_per_s']:.1f} img/s)")
+                  f"  (best {self.best_ap:.4f}, {run['img_per_s']:.1f} img/s)" + self._early_note())
+        if self.dist.is_main:
+            draw_curves(self.output)
         return {"AP": stats["AP"], "AP50": stats["AP50"]}
+
+    def _early_note(self) -> str:
+        """Said with the evaluations in the first quarter of a run from scratch, whose AP under-reports."""
+        if self.args.pretrained or self.args.weights or self.step > self.total_steps / 4:
+            return ""
+        decay = self.ema.decay_at(self.ema.num_updates)
+        return (f"\n  early evaluation, AP under-reports: the EMA weights lag the trained ones by ~"
+                f"{decay / (1 - decay):.0f} steps and BN running statistics (momentum {BN_MOMENTUM:g}) lag the "
+                f"weights, both by design")
 
     def _log(self, record: dict) -> None:
         if self.dist.is_main:
+            record = {**record, "images": record["step"] * self.args.batch_size * self.dist.world_size}
+            if self.tensorboard is not None:
+                self.tensorboard.add(record)
             self.output.mkdir(parents=True, exist_ok=True)
             with open(self.output / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}) + "\n")
