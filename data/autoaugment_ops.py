@@ -137,7 +137,7 @@ def equalize(image: np.ndarray) -> np.ndarray:
 def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
     """PIL-like Sharpness: blend from the image smoothed by PIL's SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13.
 
-    The smoothing is a VALID 3x3 depthwise convolution in float32 (taps summed row by row), clipped and
+    The smoothing is a VALID 3x3 depthwise convolution in float32 (taps summed in row-major order), clipped and
     truncated to uint8; the one-pixel border keeps the original values.
     """
     if factor == 1.0:
@@ -148,9 +148,11 @@ def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
         x = image.astype(_F32)
         side, centre = _F32(1.0) / _F32(13.0), _F32(5.0) / _F32(13.0)
         acc = x[:-2, :-2] * side
+        term = np.empty_like(acc)
         for dy, dx in ((0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)):
-            acc += x[dy:dy + height - 2, dx:dx + width - 2] * (centre if dy == dx == 1 else side)
-        degenerate[1:-1, 1:-1] = _to_uint8(np.clip(acc, _F32(0.0), _F32(255.0)))
+            np.multiply(x[dy:dy + height - 2, dx:dx + width - 2], centre if dy == dx == 1 else side, out=term)
+            acc += term
+        degenerate[1:-1, 1:-1] = _to_uint8(np.clip(acc, _F32(0.0), _F32(255.0), out=acc))
     return blend(degenerate, image, factor)
 
 
