@@ -37,19 +37,15 @@ def _x(records: list[dict]) -> tuple[list[float], str]:
     return [r["step"] for r in records], "step"
 
 
-def draw_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw `run_dir/metrics.jsonl` into `out` (default `run_dir/curves.png`); returns the path written."""
-    run_dir = Path(run_dir)
-    metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
-        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run folder)")
-    records = read_metrics(metrics)
+def curves_figure(records: list[dict], title: str) -> Figure:
+    """A 2 x 2 figure of `metrics.jsonl` records: axes (in `fig.axes` order) loss terms (log scale), val AP and
+    AP@0.5, learning rate, img/s; x = training images seen."""
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     fig = Figure(figsize=(12, 8), layout="constrained")
     FigureCanvasAgg(fig)
     (ax_loss, ax_ap), (ax_lr, ax_speed) = fig.subplots(2, 2, sharex=True)
-    fig.suptitle(run_dir.resolve().name)
+    fig.suptitle(title)
     if train:
         x, label = _x(train)
         ax_loss.plot(x, [r["loss"] for r in train], label="loss", lw=1)
@@ -62,18 +58,28 @@ def draw_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         for ax in (ax_lr, ax_speed):
             ax.set_xlabel(label)
     if evals:
-        x, label = _x(evals)
+        x, _ = _x(evals)
         ax_ap.plot(x, [r["AP"] for r in evals], "o-", label="AP")
         ax_ap.plot(x, [r["AP50"] for r in evals], "s-", label="AP@0.5")
         ax_ap.set_ylim(0, 1)
     else:
         ax_ap.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax_ap.transAxes)
-    for ax, title in ((ax_loss, "training loss (logged steps)"), (ax_ap, "val AP (EMA weights)"),
-                      (ax_lr, "learning rate"), (ax_speed, "training speed (img/s)")):
-        ax.set_title(title)
+    for ax, name in ((ax_loss, "training loss (logged steps)"), (ax_ap, "val AP (EMA weights)"),
+                     (ax_lr, "learning rate"), (ax_speed, "training speed (img/s)")):
+        ax.set_title(name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
+    return fig
+
+
+def draw_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw `run_dir/metrics.jsonl` into `out` (default `run_dir/curves.png`, 960 x 640); returns the path."""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (not a training run folder)")
+    fig = curves_figure(read_metrics(metrics), run_dir.resolve().name)
     out = Path(out) if out is not None else run_dir / "curves.png"
     with atomic_open(out, "wb") as f:
         fig.savefig(f, format="png", dpi=80)
