@@ -52,6 +52,14 @@ def test_test_policy_end_to_end_reproduces_both_recorded_runs(checks):
         assert checks[f"aug_policy_test_sign{sign}_image"]["ok"] and checks[f"aug_policy_test_sign{sign}_boxes"]["ok"]
 
 
+def test_the_checks_catch_a_wrong_op_and_a_wrong_table(checks, monkeypatch):
+    monkeypatch.setitem(aa.OPS, "Posterize", aa.OPS["Solarize"])
+    monkeypatch.setitem(aa.POLICIES, "v3", aa.POLICIES["v3"][:-1])
+    broken = augmentation_checks(AUG_FIXTURE)
+    failed = {name for name, check in broken.items() if not check["ok"]}
+    assert failed == {"aug_case002_image", "aug_case003_image", "aug_case004_image", "aug_policies"}
+
+
 def _red_rectangle(height=120, width=160, rect=(30, 40, 70, 100)):
     """Grey image with a red rectangle (rows rect[0]..rect[2]-1, cols rect[1]..rect[3]-1) and its normalised
     box; the box corners map back to the rectangle's first / one-past-last pixels."""
