@@ -63,7 +63,8 @@ class EfficientDet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")
-        validate_image_size(self.config, (images.shape[2], images.shape[3]), self.config.name)
+        # int(): under torch.jit.trace the sizes are traced 0-dim tensors (the check itself is static)
+        validate_image_size(self.config, (int(images.shape[2]), int(images.shape[3])), self.config.name)
         features = self.fpn(self.backbone(images))
         return self.class_net(features), self.box_net(features)
 

@@ -74,7 +74,8 @@ class MaxPool2dSame(nn.Module):
         self.padding = same_padding(self.kernel_size, stride)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        padding = tuple(same_padding(self.kernel_size, self.stride, n)[0] for n in x.shape[-2:])
+        # int(): a constant padding under torch.jit.trace too (OpenVINO's TorchScript frontend needs one)
+        padding = tuple(same_padding(self.kernel_size, self.stride, int(n))[0] for n in x.shape[-2:])
         return F.max_pool2d(x, self.kernel_size, self.stride, padding, ceil_mode=True)
 
     def extra_repr(self) -> str:
@@ -161,8 +162,10 @@ def squeeze_excite_project(x: torch.Tensor, se: nn.Module, weight: torch.Tensor)
     activation is never made and autograd keeps x alone instead of x and x * gate; and the mean is taken
     from the matmul's view of x, so that autograd adds its gradient into the matmul's in place instead of
     allocating their sum. Otherwise the plain op order, whose float32 rounding the parity tests pin.
+    Under `torch.jit.trace` always the plain order: the tracer records with autograd on and checks its
+    trace with autograd off, and two op sequences fail that check ("Graphs differed across invocations").
     """
-    if not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
+    if torch.jit.is_tracing() or not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)):
         return F.conv2d(x * se(x.mean((2, 3), keepdim=True)), weight)
     n, c, h, w = x.shape
     nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
