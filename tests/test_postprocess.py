@@ -8,7 +8,7 @@ from conftest import record_delta
 from model import AnchorGenerator, build_model, flatten_outputs
 from model import postprocess as nms_module
 from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
-from utils.port_tf import load_tf_state_dict
+from utils.parity_checks import ported_model
 
 BOX_TOL, SCORE_TOL = 0.1, 1e-4  # px, score (issue 4)
 
@@ -130,10 +130,8 @@ def test_eval_nms_on_official_candidates(ref):
 
 @pytest.fixture(scope="module")
 def head_outputs(fixture_dir, input_nchw):
-    model = build_model("efficientdet-d0")
-    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
     with torch.no_grad():
-        return model.eval()(input_nchw)
+        return ported_model(fixture_dir / "model", "efficientdet-d0", ema=True).eval()(input_nchw)
 
 
 @pytest.fixture(scope="module")

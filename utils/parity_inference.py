@@ -79,6 +79,11 @@ def network_pairs(folder: Path, meta: dict) -> dict[str, Pairs]:
     return out
 
 
+def family_check(pairs: Pairs, family: str) -> dict:
+    """The check of one family of `network_pairs`: max |Δ| over its tensors, absolute tolerance."""
+    return compare([(o, r) for _, o, r in pairs], ANCHOR_TOL if family == "anchors" else NET_TOL, "abs")
+
+
 def infer_detections(folder: Path, meta: dict, workdir: Path) -> tuple[list[dict], np.ndarray]:
     """What a user gets: the checkpoint ported to `workdir/weights.pth` (EMA), then `main.py -mode infer
     --weights ... --images <photo> --nms soft --threshold 0`. Returns (`run_infer`'s detections,
@@ -143,8 +148,7 @@ def inference_checks(folder: Path, meta: dict) -> dict[str, dict]:
     """Every check of an inference fixture (see `utils.tf_parity --help` for the names)."""
     from data.transforms import preprocess_for_eval
 
-    checks = {family: compare([(o, r) for _, o, r in pairs], ANCHOR_TOL if family == "anchors" else NET_TOL, "abs")
-              for family, pairs in network_pairs(folder, meta).items()}
+    checks = {family: family_check(pairs, family) for family, pairs in network_pairs(folder, meta).items()}
     ref = load_npz(folder, "reference_outputs.npz", ["det_boxes", "det_scores", "det_classes", "det_num_valid"])
     with tempfile.TemporaryDirectory() as tmp:
         detections, photo = infer_detections(folder, meta, Path(tmp))
