@@ -34,9 +34,9 @@ class Detector(nn.Module):
     def __init__(self, model: EfficientDet, image_size: int | tuple[int, int], mode: str = "eval", nms: str = "soft",
                  precision: str = "fp32", compile: bool = False):
         super().__init__()
-        self.model = prepare_for_inference(model, precision, compile=compile)
-        self.mode, self.nms = mode, nms
         self.image_size = parse_image_size(image_size)
+        self.model = prepare_for_inference(model, precision, compile=compile, image_size=self.image_size)
+        self.mode, self.nms = mode, nms
         self.anchors = AnchorGenerator.from_config(model.config)
 
     @torch.no_grad()

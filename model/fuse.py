@@ -3,9 +3,10 @@
 What pays on CPU (measured in `benchmarks/speed.py`; most ops here are memory-bound, so the levers are
 about passes over activations and per-call overheads):
 * BN folded into the preceding conv (eval BN is an affine map per channel): no BN pass.
-* conv + bias + swish as one oneDNN kernel (`torch.ops.mkldnn._convolution_pointwise`, the kernel that
-  `torch.compile` itself emits on CPU) with its weight pre-packed once: no separate swish pass. Elsewhere
-  (CUDA, builds without oneDNN, under torch.compile) the same module runs `F.conv2d` + `F.silu`.
+* conv + bias + activation (swish, or relu6 as oneDNN's hardtanh [0, 6] for Lite) as one oneDNN kernel
+  (`torch.ops.mkldnn._convolution_pointwise`, the kernel that `torch.compile` itself emits on CPU) with its
+  weight pre-packed once: no separate activation pass. Elsewhere (CUDA, builds without oneDNN, under
+  torch.compile) the same module runs `F.conv2d` + the activation.
 * 1x1 convs on small maps as a GEMM: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
 * TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
   by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
@@ -16,10 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2dSame
+from .layers import Conv2dSame, activation
 
 GEMM_MAX_PIXELS = 4096  # 1x1 convs on at most this many pixels (N * H * W) run as a GEMM
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
+# act_type -> oneDNN post-op (name, scalars) of `_convolution_pointwise`
+_ONEDNN_ACT = {None: ("none", []), "swish": ("swish", []), "relu6": ("hardtanh", [0.0, 6.0])}
 
 
 def _onednn(x: torch.Tensor) -> bool:
@@ -49,31 +52,34 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d 
 
 
 class FrozenConv(nn.Module):
-    """Conv with fixed weights (BN folded in) and optional swish; TF 'SAME'. `[N, I, H, W] -> [N, O, H/s, W/s]`.
+    """Conv with fixed weights (BN folded in) and optional activation `act` (None, "swish", "relu6"); TF 'SAME'
+    for sides that are multiples of the stride. `[N, I, H, W] -> [N, O, H/s, W/s]`.
 
     Asymmetric SAME padding (strided convs) is turned into symmetric padding by zero-extending the kernel
     at the top/left, so no padded copy of the input is made.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
-                 swish: bool, pad: tuple[int, int]):
+                 act: str | None, pad: tuple[int, int]):
         super().__init__()
+        if act not in _ONEDNN_ACT:
+            raise ValueError(f"act {act!r}: expected None, 'swish' or 'relu6'")
         before, after = pad
         weight = F.pad(weight, (after - before, 0, after - before, 0))
         self.register_buffer("weight", weight.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.stride, self.padding, self.groups, self.swish = stride, after, groups, swish
+        self.stride, self.padding, self.groups, self.act = stride, after, groups, act
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, swish: bool = False,
+    def from_conv(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d | None = None, act: str | None = None,
                   scale: float = 1.0, input_bias: torch.Tensor | None = None) -> "FrozenConv":
         w, b = fold_bn(conv.weight, conv.bias, bn, scale, input_bias)
         asym = isinstance(conv, Conv2dSame) and conv.asym_pad is not None
         pad = conv.asym_pad[2:] if asym else (conv.padding[0],) * 2
         has_bias = bn is not None or conv.bias is not None or input_bias is not None
-        return cls(w, b if has_bias else None, conv.stride[0], conv.groups, swish, pad)
+        return cls(w, b if has_bias else None, conv.stride[0], conv.groups, act, pad)
 
     def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
         # oneDNN's blocked weight layout, made once per dtype (it is valid for every input shape); not a
@@ -89,13 +95,13 @@ class FrozenConv(nn.Module):
         if self.pointwise and n * h * w <= GEMM_MAX_PIXELS and x.is_contiguous(memory_format=torch.channels_last):
             # Small maps: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
             y = nchw(F.linear(nhwc(x), self.weight.flatten(1), self.bias), h, w)
-            return F.silu(y, inplace=True) if self.swish else y
+            return activation(y, self.act, inplace=True) if self.act else y
         if _onednn(x) and x.dtype == self.weight.dtype:
             return torch.ops.mkldnn._convolution_pointwise(
                 x, self._packed_weight(x), self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
-                "swish" if self.swish else "none", [], "")
+                *_ONEDNN_ACT[self.act], "")
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
-        return F.silu(x, inplace=True) if self.swish else x
+        return activation(x, self.act, inplace=True) if self.act else x
 
 
 def nhwc(x: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Inference-only EfficientDet: BN folded into the convs, swish fused into them, NHWC throughout.
+"""Inference-only EfficientDet: BN folded into the convs, the activation (swish, Lite: relu6) fused into them,
+NHWC throughout.
 
 `prepare_for_inference(model, precision)` returns a module with `EfficientDet.forward`'s signature and
 outputs (same shapes, values within float rounding; tensors come back channels_last-strided). The
@@ -29,7 +30,7 @@ from .efficientdet import EfficientDet, check_image_size
 from .efficientnet import EfficientNet, MBConvBlock, run_tapped
 from .fuse import FrozenConv, fold_bn, nchw, nhwc
 from .head import HeadNet
-from .layers import MaxPool2dSame
+from .layers import MaxPool2dSame, activation
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -46,7 +47,8 @@ def spatial_mean(flat: torch.Tensor) -> torch.Tensor:
 
 
 class FusedMBConv(nn.Module):
-    """Eval `MBConvBlock`: [expand+BN+swish] -> dw+BN+swish -> SE gate folded into the projection GEMM.
+    """Eval `MBConvBlock`: [expand+BN+act] -> dw+BN+act -> SE gate folded into the projection GEMM (Lite, no SE:
+    the plain projection GEMM).
 
     Deferred bias (`defer`): the block returns its output minus `output_bias` (`[C_out]`, float64), which
     the next 1x1 conv folds in; the input may likewise owe `input_bias`. A residual chain passes the sum along. The
@@ -57,14 +59,17 @@ class FusedMBConv(nn.Module):
         super().__init__()
         if input_bias is not None and not block.expand:
             raise ValueError("a deferred bias needs a 1x1 expansion conv to fold into")
-        self.expand = (FrozenConv.from_conv(block.conv_expand, block.bn_expand, True, input_bias=input_bias)
+        act = block.act_type
+        self.expand = (FrozenConv.from_conv(block.conv_expand, block.bn_expand, act, input_bias=input_bias)
                        if block.expand else None)
-        self.dw = FrozenConv.from_conv(block.conv_dw, block.bn_dw, True)
+        self.dw = FrozenConv.from_conv(block.conv_dw, block.bn_dw, act)
         # SE on `[N, C]` vectors: tiny GEMVs, for which a conv primitive on 1x1 maps costs ~5x more.
-        self.register_buffer("se_reduce_weight", block.se.conv_reduce.weight.detach().flatten(1).clone())
-        self.register_buffer("se_reduce_bias", block.se.conv_reduce.bias.detach().clone())
-        self.register_buffer("se_expand_weight", block.se.conv_expand.weight.detach().flatten(1).clone())
-        self.register_buffer("se_expand_bias", block.se.conv_expand.bias.detach().clone())
+        self.se = block.se is not None
+        se = (block.se.conv_reduce.weight.detach().flatten(1).clone(), block.se.conv_reduce.bias.detach().clone(),
+              block.se.conv_expand.weight.detach().flatten(1).clone(), block.se.conv_expand.bias.detach().clone()
+              ) if self.se else (None,) * 4
+        for name, value in zip(("se_reduce_weight", "se_reduce_bias", "se_expand_weight", "se_expand_bias"), se):
+            self.register_buffer(name, value)
         w, b = fold_bn(block.conv_project.weight, None, block.bn_project)
         self.register_buffer("project_weight", w.flatten(1).t().float().contiguous())  # [C_mid, C_out]
         self.residual = block.residual
@@ -78,6 +83,10 @@ class FusedMBConv(nn.Module):
         out = self.dw(self.expand(x) if self.expand is not None else x)
         n, c, h, w = out.shape
         flat = nhwc(out)
+        if not self.se:
+            y = torch.matmul(flat, self.project_weight)
+            y = y.add_(nhwc(x)) if self.residual else y
+            return nchw(y if self.bias is None else y.add_(self.bias), h, w)
         mean = spatial_mean(flat)
         s = F.silu(F.linear(mean, self.se_reduce_weight, self.se_reduce_bias))
         gate = torch.sigmoid(F.linear(s, self.se_expand_weight, self.se_expand_bias)).view(n, c, 1)
@@ -94,7 +103,7 @@ class FusedEfficientNet(nn.Module):
 
     def __init__(self, net: EfficientNet):
         super().__init__()
-        self.stem = FrozenConv.from_conv(net.stem.conv, net.stem.bn, True)
+        self.stem = FrozenConv.from_conv(net.stem.conv, net.stem.bn, net.stem.act_type)
         blocks, bias = [], None
         for i, block in enumerate(net.blocks):
             # The last block's bias goes to the BiFPN; any other to the next block's expansion, if it has one.
@@ -135,7 +144,7 @@ class FusedResample(nn.Module):
 
 
 class FusedFNode(nn.Module):
-    """Eval `FNode`: sum of (pre-scaled) resampled inputs -> swish -> dw -> pw+BN."""
+    """Eval `FNode`: sum of (pre-scaled) resampled inputs -> act -> dw -> pw+BN."""
 
     def __init__(self, node: FNode, input_biases: list[torch.Tensor | None]):
         super().__init__()
@@ -150,6 +159,7 @@ class FusedFNode(nn.Module):
         self.order = sorted(range(n), key=lambda i: self.resample[i].scale != 1.0)
         self.dw = FrozenConv.from_conv(node.conv.conv_dw)
         self.pw = FrozenConv.from_conv(node.conv.conv_pw, node.bn)
+        self.act_type = node.act_type
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
         first, second, *rest = self.order
@@ -158,7 +168,7 @@ class FusedFNode(nn.Module):
                         alpha=self.resample[second].scale)
         for i in rest:
             out.add_(self.resample[i](inputs[i]), alpha=self.resample[i].scale)
-        return self.pw(self.dw(F.silu(out, inplace=True)))
+        return self.pw(self.dw(activation(out, self.act_type, inplace=True)))
 
 
 class FusedBiFPN(nn.Module):
@@ -196,7 +206,7 @@ class FusedHead(nn.Module):
         super().__init__()
         self.dw = nn.ModuleList(FrozenConv.from_conv(c.conv_dw) for c in head.convs)
         self.pw = nn.ModuleList(
-            nn.ModuleList(FrozenConv.from_conv(c.conv_pw, bn, swish=True) for bn in bns)
+            nn.ModuleList(FrozenConv.from_conv(c.conv_pw, bn, head.act_type) for bn in bns)
             for c, bns in zip(head.convs, head.bns))
         self.predict = nn.Sequential(FrozenConv.from_conv(head.predict.conv_dw),
                                      FrozenConv.from_conv(head.predict.conv_pw))
@@ -274,7 +284,8 @@ class _CompileOrEager(nn.Module):
 
 
 def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bool = True,
-                          channels_last: bool = True, compile: bool = False) -> nn.Module:
+                          channels_last: bool = True, compile: bool = False,
+                          image_size: tuple[int, int] | None = None) -> nn.Module:
     """An inference module with `model`'s forward: `images [N, 3, H, W] -> (cls_outs, box_outs)`.
 
     `model` itself is left as it is (it is copied, never modified). Outputs have the images' dtype and
@@ -289,6 +300,8 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     compile: also `torch.compile` the result (inductor with freezing; falls back to eager with a warning
         where it fails). On the 2-core CPU of `benchmarks/speed.py` it compiles for ~2 minutes and then runs
         10-20 % slower than the eager fused module, so it is off by default.
+    image_size: the (H, W) the module will see, if known. The fused copy implements exact 2x pyramids only
+        (sides that are multiples of 2^max_level); for another size the plain module is used, with a warning.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -297,6 +310,11 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     reason = unsupported_precision(precision, device)
     if reason:
         raise ValueError(reason)
+    divisor = model.config.size_divisor
+    if fuse and image_size is not None and any(side % divisor for side in image_size):
+        warnings.warn(f"{model.config.name}: input {image_size[0]}x{image_size[1]} (HxW) is not a multiple of "
+                      f"{divisor} on both sides; running the unfused network", stacklevel=2)
+        fuse = False
     if fuse:
         module = FusedEfficientDet(model, dtype).to(device)
     else:

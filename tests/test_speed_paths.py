@@ -399,3 +399,30 @@ def test_grad_checkpointing_same_gradients_and_statistics():
     assert all(torch.allclose(grads[k], ckpt_grads[k], rtol=1e-5, atol=1e-7) for k in grads)
     assert all(torch.equal(state[k], ckpt_state[k]) for k in state)
     assert _saved_bytes(lambda x: ckpt(x), images) < 0.5 * _saved_bytes(lambda x: plain(x), images)
+
+
+# ------------------------------------------------------------------------------------ EfficientDet-Lite
+
+@pytest.mark.parametrize("name", ["efficientdet-lite0", "efficientdet-lite3"])
+def test_fused_lite_equals_plain(name):
+    """Lite: relu6 fused into the convs (oneDNN hardtanh [0, 6]), no SE (plain projection GEMM), sum fusion;
+    lite3's backbone keeps an unscaled stem before a widened first stage."""
+    torch.manual_seed(0)
+    plain = _randomise_(build_model(name))
+    images = 3 * torch.randn(1, 3, 128, 256, generator=torch.Generator().manual_seed(1))  # some relu6 clip
+    with torch.no_grad():
+        expected = plain(images)
+    fused = prepare_for_inference(plain)
+    assert isinstance(fused, FusedEfficientDet)
+    assert _max_delta(fused(images), expected) <= TOL
+
+
+def test_size_the_fused_copy_cannot_run_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    plain = _randomise_(build_model("efficientdet-lite0"))
+    images = torch.randn(1, 3, 320, 320)  # lite0's official size: P7 3x3, not an exact 2x pyramid
+    with pytest.warns(UserWarning, match="input 320x320 \\(HxW\\) is not a multiple of 128.*unfused"):
+        module = prepare_for_inference(plain, image_size=(320, 320))
+    assert not isinstance(module, FusedEfficientDet)
+    with torch.no_grad():
+        assert _max_delta(module(images), plain(images)) <= TOL
