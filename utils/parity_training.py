@@ -33,7 +33,7 @@ TOL = {"images": 1e-4, "gt_boxes": 1e-4, "targets": 0.0, "box_targets": 1e-5, "n
 # training forward is ~40x further from exact (float64) arithmetic than ours (class logits 5e-3 vs 1.2e-4),
 # and perturbing the input by 1e-5 moves our own backbone gradients by ~2 %. What depends on the logits' last
 # digits or on gradients upstream of the heads gets a tolerance for that (README, training parity):
-COND_TOL = {"level_losses": 3e-4, "loss_maps": 3e-3, "grads_upstream": 0.1, "grad_norms": 3e-3, "step": 1e-3}
+COND_TOL = {"level_losses": 3e-4, "loss_maps": 3e-3, "grads_upstream": 0.1, "grad_norms": 1e-2, "step": 1e-3}
 GRAD_FLOOR = 1e-6  # x global norm: gradients that are 0 in exact arithmetic (a bias before a BN) are noise
 
 
@@ -188,44 +188,52 @@ def training_checks(folder: Path, meta: dict, ours: dict | None = None) -> dict[
     """Every check of a training fixture (names: `utils.tf_parity --help`). `ours`: a `run_step` result to
     reuse (the step is run otherwise)."""
     ours = ours if ours is not None else run_step(folder, meta)
-    inputs = load_npz(folder, "inputs.npz", ["images", "gt_boxes_network", "gt_classes_network", "gt_num_network"])
-    tg = load_npz(folder, "targets.npz", ["num_positives", "num_positives_sum", "match_results"])
     ref = load_npz(folder, "train_outputs.npz", ["cls_loss", "box_loss", "total_loss", "reg_l2_loss"])
-    levels = range(len(ours["class_outputs"]))
-    lv = [int(k.rsplit("_p", 1)[1]) for k in tg if k.startswith("cls_targets_p")]
-    lv.sort()
-    checks = {"images": compare([(ours["images"], inputs["images"])], TOL["images"])}
-    counts = inputs["gt_num_network"]
-    checks["gt_boxes"] = compare([(ours["gt_boxes"][b, :n], inputs["gt_boxes_network"][b, :n])
-                                  for b, n in enumerate(counts)], TOL["gt_boxes"], "abs")
-    flat = lambda prefix, last=(): np.concatenate([tg[f"{prefix}_p{k}"].reshape(len(counts), -1, *last) for k in lv], 1)
-    checks["targets"] = compare([(ours["cls_targets"], flat("cls_targets")),
-                                 (ours["match_results"], tg["match_results"]),
-                                 (ours["gt_classes"][ours["gt_classes"] >= 0] + 1,
-                                  inputs["gt_classes_network"][inputs["gt_classes_network"] > 0])], 0.0, "exact")
-    checks["box_targets"] = compare([(ours["box_targets"], flat("box_targets", (4,)))], TOL["box_targets"], "abs")
-    checks["num_positives"] = compare([(ours["num_positives"], tg["num_positives"]),
-                                       (np.float32(ours["num_positives_sum"]), tg["num_positives_sum"])], 0.0, "exact")
+    checks, levels = _input_checks(folder, ours)
     rows, cols = ref["class_outputs_p3_sub_rows"], ref["class_outputs_p3_sub_cols"]
-    b, y, x, a = ref["class_outputs_p3_positive_index"].T
-    num_classes = ours["class_outputs"][0].shape[-1] // ours["cls_loss_per_anchor"][0].shape[-1]
     p3 = ours["class_outputs"][0]
-    positive = p3.reshape(*p3.shape[:3], -1, num_classes)[b, y, x, a]
-    checks["class_outputs"] = compare([(p3[:, rows][:, :, cols], ref[f"class_outputs_p{lv[0]}_sub"]),
-                                       (positive, ref["class_outputs_p3_positive_logits"])]
-                                      + [(ours["class_outputs"][i], ref[f"class_outputs_p{lv[i]}"])
-                                         for i in levels if i], TOL["outputs"])
-    checks["box_outputs"] = compare([(ours["box_outputs"][i], ref[f"box_outputs_p{lv[i]}"]) for i in levels],
+    b, y, x, a = ref[f"class_outputs_p{levels[0]}_positive_index"].T
+    positive = p3.reshape(*p3.shape[:3], ours["cls_loss_per_anchor"][0].shape[-1], -1)[b, y, x, a]
+    checks["class_outputs"] = compare([(p3[:, rows][:, :, cols], ref[f"class_outputs_p{levels[0]}_sub"]),
+                                       (positive, ref[f"class_outputs_p{levels[0]}_positive_logits"])]
+                                      + [(o, ref[f"class_outputs_p{lv}"]) for lv, o in
+                                         zip(levels[1:], ours["class_outputs"][1:])], TOL["outputs"])
+    checks["box_outputs"] = compare([(o, ref[f"box_outputs_p{lv}"]) for lv, o in zip(levels, ours["box_outputs"])],
                                     TOL["outputs"])
     for loss in ("cls_loss", "box_loss", "det_loss", "reg_l2_loss", "total_loss"):
         checks[loss] = scalar_check(ours[loss], float(ref[loss]), TOL["losses"])
     for loss in ("cls_loss", "box_loss"):
         checks[f"{loss}_per_level"] = compare([(np.float64(o), r) for o, r in zip(
             ours[f"{loss}_per_level"], ref[f"{loss}_per_level"])], COND_TOL["level_losses"])
-    checks["cls_loss_per_anchor"] = compare([(ours["cls_loss_per_anchor"][i], ref[f"cls_loss_per_anchor_p{lv[i]}"])
-                                             for i in levels], COND_TOL["loss_maps"])
+    checks["cls_loss_per_anchor"] = compare([(o, ref[f"cls_loss_per_anchor_p{lv}"]) for lv, o in
+                                             zip(levels, ours["cls_loss_per_anchor"])], COND_TOL["loss_maps"])
     checks.update(_step_checks(ours, ref, meta))
     return checks
+
+
+def _input_checks(folder: Path, ours: dict) -> tuple[dict[str, dict], list[int]]:
+    """Input chain and anchor targets; also returns the pyramid levels of targets.npz."""
+    inputs = load_npz(folder, "inputs.npz", ["images", "gt_boxes_network", "gt_classes_network", "gt_num_network"])
+    tg = load_npz(folder, "targets.npz", ["num_positives", "num_positives_sum", "match_results"])
+    levels = sorted(int(k.rsplit("_p", 1)[1]) for k in tg if k.startswith("cls_targets_p"))
+    counts = inputs["gt_num_network"]
+
+    def by_level(prefix, last=()):  # [B, H_l, W_l, A * k] per level -> [B, N, *last] in our anchor order
+        return np.concatenate([tg[f"{prefix}_p{lv}"].reshape(len(counts), -1, *last) for lv in levels], 1)
+
+    classes = inputs["gt_classes_network"]
+    checks = {"images": compare([(ours["images"], inputs["images"])], TOL["images"]),
+              "gt_boxes": compare([(ours["gt_boxes"][b, :n], inputs["gt_boxes_network"][b, :n])
+                                   for b, n in enumerate(counts)], TOL["gt_boxes"], "abs"),
+              "targets": compare([(ours["cls_targets"], by_level("cls_targets")),
+                                  (ours["match_results"], tg["match_results"]),
+                                  (ours["gt_classes"][ours["gt_classes"] >= 0] + 1, classes[classes > 0])],
+                                 TOL["targets"], "exact"),
+              "box_targets": compare([(ours["box_targets"], by_level("box_targets", (4,)))], TOL["box_targets"], "abs"),
+              "num_positives": compare([(ours["num_positives"], tg["num_positives"]),
+                                        (np.float32(ours["num_positives_sum"]), tg["num_positives_sum"])],
+                                       TOL["num_positives"], "exact")}
+    return checks, levels
 
 
 def _step_checks(ours: dict, ref: dict, meta: dict) -> dict[str, dict]:
@@ -250,11 +258,10 @@ def _step_checks(ours: dict, ref: dict, meta: dict) -> dict[str, dict]:
     checks = {"grads": norm_check(grad_pairs("grad_det", True) + grad_pairs("grad_total", True), TOL["grads"]),
               "grads_upstream": norm_check(grad_pairs("grad_det", False) + grad_pairs("grad_total", False),
                                            COND_TOL["grads_upstream"])}
-    # Per-variable norms: |Δ| relative to the global norm (a scalar fusion weight's gradient of 0.03 is all noise).
+    # Per-variable norms of all trainable variables, |Δ| relative to the largest one (a scalar fusion weight's
+    # gradient of 0.03 is all noise at this conditioning).
     ours_norms = np.array([float(total[n].double().norm()) for n in order])
-    checks["grad_norms"] = compare([(ours_norms / float(ref["grad_global_norm_total"]),
-                                     ref["grad_norm_per_variable_total"] / ref["grad_global_norm_total"])],
-                                   COND_TOL["grad_norms"], "abs")
+    checks["grad_norms"] = compare([(ours_norms, ref["grad_norm_per_variable_total"])], COND_TOL["grad_norms"])
     checks["grad_global_norm"] = compare([(np.float64(global_norm), ref["grad_global_norm_total"]),
                                           (np.float64(ours["global_norm_after_clipping"]),
                                            ref["grad_global_norm_after_clipping"])], 2 * TOL["grads"])

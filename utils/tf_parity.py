@@ -32,7 +32,7 @@ CHECK_HELP = """checks (tol bounds `rel` unless marked [abs]: then `max_abs`; [e
    box_outputs (training-mode forward, rel to each tensor's max); cls_loss, box_loss, det_loss, reg_l2_loss,
    total_loss; cls_loss_per_level, box_loss_per_level, cls_loss_per_anchor (focal-loss maps); grads (chosen
    head variables, rel to each tensor's norm), grads_upstream (chosen backbone / BiFPN variables);
-   grad_norms [abs] per-variable norms / global norm; grad_global_norm (before and after clipping);
+   grad_norms (all trainable variables, rel to the largest); grad_global_norm (before and after clipping);
    clipped_grads, momentum, values_after_step (one SGD step), bn_stats (moving statistics after the
    forward), ema (shadows after the step, TF1 det_model_fn convention).
  augmentation: as defined by utils/parity_augment.py."""
