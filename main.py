@@ -18,6 +18,8 @@ MODES = {
     "infer": ("eval.infer", "add_infer_args", "run_infer",
               "detect objects in images: drawn PNGs and detections.json"),
     "summary": ("utils.summary", "add_summary_args", "run_summary", "parameter and FLOP counts of the variants"),
+    "export": ("deploy.cli", "add_export_args", "run_export",
+               "export --pretrained or --weights to ONNX or OpenVINO IR with a JSON sidecar"),
 }
 
 
