@@ -6,6 +6,7 @@ from pathlib import Path
 
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
+from deploy.backends import network_from_args
 from eval.evaluator import Detector, evaluate
 from utils.atomic import write_json
 from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
@@ -41,7 +42,8 @@ def run_eval(args: argparse.Namespace) -> dict:
     ann, images = dataset_paths(args, "val")
     dataset = CocoDetection(ann, images, train=False, image_size=info["image_size"])
     check_label_space(info, dataset)
-    detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile)
+    detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile,
+                        network_from_args(args, model, info))
     print(f"evaluating {info['model_name']} ({info['source']}) on {ann}: "
           f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS")
     stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images)

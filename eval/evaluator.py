@@ -28,14 +28,17 @@ class Detector(nn.Module):
     mode "eval" (official COCO path, per-class NMS over the top-5000) or "infer" (best class per anchor,
     class-agnostic NMS, boxes clipped); nms "soft" (official gaussian) or "hard" (IoU 0.5). The network runs
     as `prepare_for_inference` makes it (BN folded, fused kernels, `precision` "fp32"/"bf16"/"fp16",
-    optionally `torch.compile`d); post-processing always runs in float32.
+    optionally `torch.compile`d), or as `network` runs it when given: any callable `images -> (cls_outs,
+    box_outs)` with the plain model's layouts, e.g. an exported model on another engine (`deploy.backends`);
+    post-processing always runs in float32.
     """
 
     def __init__(self, model: EfficientDet, image_size: int | tuple[int, int], mode: str = "eval", nms: str = "soft",
-                 precision: str = "fp32", compile: bool = False):
+                 precision: str = "fp32", compile: bool = False, network=None):
         super().__init__()
         self.image_size = parse_image_size(image_size)
-        self.model = prepare_for_inference(model, precision, compile=compile, image_size=self.image_size)
+        self.model = network if network is not None else prepare_for_inference(
+            model, precision, compile=compile, image_size=self.image_size)
         self.mode, self.nms = mode, nms
         self.anchors = AnchorGenerator.from_config(model.config)
 

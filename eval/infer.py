@@ -10,6 +10,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data.transforms import preprocess_for_eval
+from deploy.backends import network_from_args
 from eval.evaluator import Detector
 from utils.atomic import atomic_open, write_json
 from utils.cli import add_inference_args, add_model_args, add_weights_args, load_detector, resolve_device
@@ -84,7 +85,8 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     model, info = load_detector(args)
     names = info["class_names"] or [f"class_{c}" for c in range(info["num_classes"])]
     categories = info["class_to_category"] or list(range(1, info["num_classes"] + 1))
-    detector = Detector(model.to(device).eval(), info["image_size"], "infer", args.nms, args.precision, args.compile)
+    detector = Detector(model.to(device).eval(), info["image_size"], "infer", args.nms, args.precision, args.compile,
+                        network_from_args(args, model, info))
     files = list_images(args.images)
     output = Path(args.output)
     out_names = _output_names(files)

@@ -56,6 +56,12 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
                         help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (falls back to eager with a warning if it fails)")
+    parser.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
+                        help="what runs the network: PyTorch, or an ONNX / OpenVINO export of the weights (made "
+                             "once into runs/export-cache/, or --exported) on ONNX Runtime / OpenVINO (CPU)")
+    parser.add_argument("--exported", metavar="DIR", default=None,
+                        help="with --backend onnxruntime / openvino: a folder written by -mode export (plain network, "
+                             "of the same weights' variant, classes and image size)")
 
 
 def resolve_device(name: str) -> torch.device:
