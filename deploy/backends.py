@@ -148,3 +148,16 @@ def open_backend(backend: str, model: EfficientDet, info: dict, image_hw: tuple[
         raise ValueError(f"--exported {folder}: exported for {sidecar['input']['height']}x"
                          f"{sidecar['input']['width']} inputs, but the image size is {image_hw[0]}x{image_hw[1]}")
     return NETWORKS[backend](folder, sidecar, precision, threads)
+
+
+def network_from_args(args, model: EfficientDet, info: dict):
+    """`open_backend` for the --backend / --exported / --precision / --compile / --device flags of
+    `-mode eval` and `-mode infer` (None for the torch backend)."""
+    if args.backend != "torch":
+        if args.compile:
+            raise ValueError(f"--compile: only used with --backend torch, not {args.backend}")
+        if args.device not in ("auto", "cpu"):
+            raise ValueError(f"--device {args.device}: --backend {args.backend} runs on the CPU")
+    from model.config import parse_image_size
+    return open_backend(args.backend, model, info, parse_image_size(info["image_size"]), args.precision,
+                        args.exported)
