@@ -147,13 +147,15 @@ def detection_checks(detections: list[dict], ref: dict[str, np.ndarray], photo_h
 def inference_checks(folder: Path, meta: dict) -> dict[str, dict]:
     """Every check of an inference fixture (see `utils.tf_parity --help` for the names)."""
     from data.transforms import preprocess_for_eval
+    from model import get_config
 
     checks = {family: family_check(pairs, family) for family, pairs in network_pairs(folder, meta).items()}
     ref = load_npz(folder, "reference_outputs.npz", ["det_boxes", "det_scores", "det_classes", "det_num_valid"])
     with tempfile.TemporaryDirectory() as tmp:
         detections, photo = infer_detections(folder, meta, Path(tmp))
     size = ref["input_tensor"].shape[1:3]
-    ours, _ = preprocess_for_eval(photo, size)
+    cfg = get_config(variant_of(meta))
+    ours, _ = preprocess_for_eval(photo, size, cfg.mean_rgb, cfg.stddev_rgb)
     checks["input_tensor"] = compare([(ours.permute(1, 2, 0)[None], ref["input_tensor"])], INPUT_TOL, "abs")
     checks.update(detection_checks(detections, ref, photo.shape[:2]))
     return checks

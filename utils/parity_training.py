@@ -37,8 +37,9 @@ COND_TOL = {"level_losses": 3e-4, "loss_maps": 3e-3, "grads_upstream": 0.1, "gra
 GRAD_FLOOR = 1e-6  # x global norm: gradients that are 0 in exact arithmetic (a bias before a BN) are noise
 
 
-def _dataset(folder: Path, inputs: dict, meta: dict, root: Path):
-    """The fixture's photos and boxes as a one-off COCO-format folder, read as `-mode trainval` reads data."""
+def _dataset(folder: Path, inputs: dict, meta: dict, root: Path, config):
+    """The fixture's photos and boxes as a one-off COCO-format folder, read as `-mode trainval` reads data
+    (`config`: the variant's, for its input normalisation)."""
     from data.coco import CocoDetection
     from data.transforms import TrainTransform
 
@@ -62,9 +63,10 @@ def _dataset(folder: Path, inputs: dict, meta: dict, root: Path):
     (root / "instances.json").write_text(json.dumps({"images": images, "annotations": annotations,
                                                      "categories": categories}))
     size = meta.get("image_size_hw") or inputs["images"].shape[1:3]
+    normalization = {"mean_rgb": config.mean_rgb, "stddev_rgb": config.stddev_rgb}
     return CocoDetection(root / "instances.json", root, train=True, image_size=tuple(size), label_map="contiguous",
-                         transform=TrainTransform(tuple(size), 1.0, 1.0, hflip=False),
-                         max_instances=int(hp.get("max_instances_per_image", 100)))
+                         transform=TrainTransform(tuple(size), 1.0, 1.0, hflip=False, **normalization),
+                         max_instances=int(hp.get("max_instances_per_image", 100)), **normalization)
 
 
 def _tf_lookup(model) -> dict[str, tuple[str, int | None]]:
@@ -98,7 +100,7 @@ def run_step(folder: Path, meta: dict) -> dict:
     ema = ModelEMA(model, float(hp.get("moving_average_decay", 0.9998)))
     ema.module.load_state_dict(ported_model(checkpoint, name, ema=True).state_dict())
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = _dataset(folder, inputs, meta, Path(tmp))
+        dataset = _dataset(folder, inputs, meta, Path(tmp), model.config)
         images, batch = collate_detection([dataset[i] for i in range(len(dataset))])
 
     cfg = model.config
