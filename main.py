@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
 
 from utils.allocator import reuse_freed_memory
@@ -56,12 +57,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run a mode; returns the exit status: 0, or 2 for an error (said in one line). A training run stopped by
+    SIGINT / SIGTERM raises SystemExit(130 / 143) (`train.cli.run_train`)."""
     args = parse_args(argv)
     if not args.system_malloc:
         reuse_freed_memory()
     module, _, run, _ = MODES[args.mode]
     try:
         getattr(importlib.import_module(module), run)(args)
+    except KeyboardInterrupt:  # Ctrl-C outside a training loop: nothing to save
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
     except (ValueError, OSError, RuntimeError) as e:  # user-facing problems: one clear line, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

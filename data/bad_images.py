@@ -67,7 +67,8 @@ class BadImageBudget:
                 tqdm.write(f"skipping {bad.file_name}: {bad.reason} ({bad.detail})")
         self.count += len(failures) if count is None else count
         if self.count > self.allowed:
-            reasons = ", ".join(f"{n} {reason}" for reason, n in self.reasons.most_common())
+            reasons = ", ".join(f"{n} {reason}" for reason, n in sorted(self.reasons.items(),
+                                                                       key=lambda kv: (-kv[1], kv[0])))
             raise RuntimeError(
                 f"{self.what}: {self.count} unreadable images, more than --max-bad-images {self.limit} "
                 f"(= {self.allowed} of {self.total} images); stopped"

@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
 from deploy.backends import network_from_args
 from eval.evaluator import Detector, evaluate
-from utils.atomic import write_json
+from utils.atomic import check_writable_dir, write_json
 from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
-                       dataset_paths, load_detector, resolve_device)
+                       dataset_paths, load_detector, number, resolve_device)
 
 
 def add_eval_args(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +19,7 @@ def add_eval_args(parser: argparse.ArgumentParser) -> None:
     add_runtime_args(parser, batch_size=8)
     parser.add_argument("--nms", choices=["soft", "hard"], default="soft",
                         help="soft: the official evaluation (per-class gaussian soft-NMS); hard: IoU-0.5 NMS")
-    parser.add_argument("--max-images", type=int, default=None, help="evaluate only the first K images")
+    parser.add_argument("--max-images", type=number(int, 1), default=None, help="evaluate only the first K images")
     add_inference_args(parser)
     parser.add_argument("--output", default=None,
                         help="folder for detections_val.json and metrics_val.json (default runs/eval-<model>)")
@@ -38,20 +37,26 @@ def check_label_space(info: dict, dataset: CocoDetection) -> None:
 
 def run_eval(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
+    if args.output:  # else the folder is named after the model, known once the weights are read
+        check_writable_dir(args.output)
     model, info = load_detector(args)
+    output = check_writable_dir(args.output or f"runs/eval-{info['model_name']}")
     ann, images = dataset_paths(args, "val")
-    dataset = CocoDetection(ann, images, train=False, image_size=info["image_size"])
+    dataset = CocoDetection(ann, images, train=False, image_size=info["image_size"], mean_rgb=model.config.mean_rgb,
+                            stddev_rgb=model.config.stddev_rgb)
     check_label_space(info, dataset)
     detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile,
                         network_from_args(args, model, info))
     print(f"evaluating {info['model_name']} ({info['source']}) on {ann}: "
           f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS")
-    stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images)
-    output = Path(args.output or f"runs/eval-{info['model_name']}")
+    stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images,
+                                   max_bad_images=args.max_bad_images)
     write_json(results, output / "detections_val.json")
     write_json({"stats": stats, "model": info["model_name"], "weights": info["source"], "annotations": str(ann),
                 "nms": args.nms, "image_size": info["image_size"], **run}, output / "metrics_val.json", indent=1)
     print(format_stats(stats))
-    print(f"{run['images']} images ({run['failed']} unreadable) in {run['seconds']:.1f} s "
-          f"({run['img_per_s']:.2f} img/s); wrote {output}/detections_val.json and metrics_val.json")
+    skipped = (f"; {run['failed']} unreadable image(s) skipped, the metrics are over the {run['images']} read"
+               if run["failed"] else "")
+    print(f"{run['images']} images in {run['seconds']:.1f} s ({run['img_per_s']:.2f} img/s){skipped}; "
+          f"wrote {output}/detections_val.json and metrics_val.json")
     return stats

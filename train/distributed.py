@@ -49,6 +49,15 @@ def all_agree(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def all_sum(values: list[int], info: DistInfo, device: torch.device) -> list[int]:
+    """Element-wise sum of `values` over the ranks (one small all-reduce)."""
+    if not info.enabled:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
 def all_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
     """Element-wise mean of the float tensor `t` over the ranks (a detached copy); `t` itself when alone.
 

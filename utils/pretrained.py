@@ -52,11 +52,25 @@ def download(url: str, dest: Path) -> str:
     return digest.hexdigest()
 
 
+def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """tarfile's "data" extraction filter (refuses '..' and links leading out of `dest`, device files and
+    fifos, absolute link targets), plus a refusal of absolute member names, which "data" would strip."""
+    if member.name.startswith(("/", "\\")) or Path(member.name).is_absolute():
+        raise tarfile.AbsolutePathError(member)
+    return tarfile.data_filter(member, dest)
+
+
 def _unpack_checkpoint(archive: Path, into: Path) -> Path:
-    """Extract `archive` under `into` and return the folder that holds the TF checkpoint."""
+    """Extract `archive` under `into` and return the folder that holds the TF checkpoint. Every member is
+    checked before anything is written: an archive from the network cannot place files outside `into`."""
     try:
         with tarfile.open(archive) as tar:
-            tar.extractall(into, filter="data")  # refuses absolute paths, '..' and links out of `into`
+            members = tar.getmembers()
+            for member in members:
+                _safe_member(member, str(into))
+            tar.extractall(into, members=members, filter=_safe_member)
+    except tarfile.FilterError as e:
+        raise ValueError(f"{archive}: refused to unpack an unsafe member: {e}") from e
     except (tarfile.TarError, OSError) as e:
         raise ValueError(f"{archive}: not a readable .tar.gz checkpoint archive ({e})") from e
     folders = [p.parent for p in into.rglob("*.index")]

@@ -1,0 +1,48 @@
+"""torch.hub entry points: `torch.hub.load(REPO_DIR, "efficientdet_d0", source="local", weights="my.pth")`
+works from any working directory (torch.hub puts this folder on `sys.path` while it loads).
+
+One entry point per variant of the variant table (`model.config.VARIANTS`: efficientdet_d0 ... efficientdet_d7x),
+generated from it. Each returns the EfficientDet in eval mode:
+
+* `weights=PATH`: a `.pth` written by the porter (`python -m utils.port_tf`) or by training (`best.pth`,
+  `last.pth`: its EMA weights); the number of classes and the class names come from the file
+  (`model.class_names`, None if the file has none).
+* `pretrained=True`: the official COCO weights, `weights/<model>.pth` of this repository (ported from
+  `weights/<model>/` if only the TF checkpoint is there).
+* neither: random initialisation with `num_classes` classes (default 90, COCO's label space).
+"""
+from pathlib import Path as _Path
+
+dependencies = ["torch", "torchvision", "numpy", "PIL", "pycocotools"]
+
+
+def _entry_point(model_name: str):
+    def load(weights: str | None = None, pretrained: bool = False, num_classes: int = 90):
+        from model import build_model
+        from utils.pretrained import resolve_pretrained
+        from utils.weights import detector_from_weights
+
+        if weights is not None and pretrained:
+            raise ValueError(f"{model_name}: give weights=PATH or pretrained=True, not both")
+        if pretrained:
+            weights = resolve_pretrained(model_name, _Path(__file__).resolve().parent / "weights")
+        if weights is None:
+            model = build_model(model_name, num_classes=num_classes)
+            model.class_names = None
+        else:
+            model, info = detector_from_weights(weights, model_name, "weights=")
+            model.class_names = info["class_names"]
+        return model.eval()
+
+    load.__name__ = load.__qualname__ = model_name.replace("-", "_")
+    load.__doc__ = (f"{model_name} (EfficientDet, official TF layout), eval mode: `weights` = a .pth of this "
+                    f"project, `pretrained=True` = weights/{model_name}.pth, else random init with `num_classes`.")
+    return load
+
+
+def _variant_names() -> list[str]:
+    from model.config import VARIANTS
+    return list(VARIANTS)
+
+
+globals().update({name.replace("-", "_"): _entry_point(name) for name in _variant_names()})

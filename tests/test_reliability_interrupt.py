@@ -1,0 +1,109 @@
+"""SIGINT / SIGTERM during training: the step finishes, last.pth is saved, one line, exit 130 / 143, and
+--resume then logs the same losses as an uninterrupted run; a second SIGINT aborts at once. Also the
+progress bar of a run that does not end on an epoch boundary."""
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import main
+from conftest import ROOT
+from data.shapes import make_shapes_dataset
+from train.trainer import Trainer
+from utils.weights import load_weights
+
+FLAGS = ["--image-size", "128", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--save-every", "100"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4, workers=1)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(shapes, tmp_path_factory):
+    output = tmp_path_factory.mktemp("full") / "run"
+    Trainer(main.parse_args(["-mode", "train", "--data", str(shapes), *FLAGS, "--workers", "0",
+                             "--output", str(output)])).fit()
+    return _losses(output)
+
+
+def _losses(output):
+    lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: (r["loss"], r["cls_loss"], r["box_loss"], r["lr"]) for r in lines if r["type"] == "train"}
+
+
+def _start(shapes, output, workers, stderr_file, size="128"):
+    cmd = [sys.executable, str(ROOT / "main.py"), "-mode", "train", "--data", str(shapes), *FLAGS,
+           "--workers", str(workers), "--output", str(output), "--image-size", size]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr_file, text=True)
+
+
+def _wait_for(condition, process, timeout=600):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be signalled"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def _logged_steps(output):
+    path = output / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
+def test_signal_saves_last_and_resume_gives_the_same_losses(shapes, uninterrupted, tmp_path, signum, workers):
+    output = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        process = _start(shapes, output, workers, err)
+        _wait_for(lambda: _logged_steps(output) >= 2, process)  # mid-run: after step 2 of 8
+        process.send_signal(signum)
+        process.communicate(timeout=600)
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 128 + signum, stderr[-2000:]
+    last_line = stderr.strip().splitlines()[-1]
+    step = int(re.fullmatch(r"interrupted at step (\d+); resume with --resume", last_line).group(1))
+    assert 2 <= step < 8 and "Traceback" not in stderr
+    assert f"{signal.Signals(signum).name}: finishing the current step, then saving last.pth" in stderr
+    assert load_weights(output / "last.pth")[1]["step"] == step
+    assert sorted(_losses(output)) == list(range(1, step + 1))
+    assert [p.name for p in output.iterdir() if p.name.endswith(".tmp")] == []
+
+    Trainer(main.parse_args(["-mode", "train", "--data", str(shapes), *FLAGS, "--workers", "0",
+                             "--output", str(output), "--resume"])).fit()
+    assert _losses(output) == uninterrupted
+
+
+def test_a_second_sigint_aborts_at_once(shapes, tmp_path):
+    output = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as err:
+        process = _start(shapes, output, 0, err, size="384")  # slower steps: the abort lands mid-step
+        _wait_for(lambda: _logged_steps(output) >= 1, process)
+        process.send_signal(signal.SIGINT)
+        _wait_for(lambda: "SIGINT: finishing" in (tmp_path / "stderr.txt").read_text(), process)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=600)
+    assert process.returncode == -signal.SIGINT  # ended by the signal itself, not by a clean exit
+    assert "interrupted at step" not in (tmp_path / "stderr.txt").read_text()
+
+
+def test_progress_bar_counts_the_steps_of_this_run(shapes, tmp_path, capsys):
+    def args(*extra):
+        return main.parse_args(["-mode", "train", "--data", str(shapes), *FLAGS, "--workers", "0", "--epochs", "1.5",
+                                "--output", str(tmp_path / "run"), *extra])
+
+    def totals():
+        return {int(t) for t in re.findall(r"\| *\d+/(\d+) \[", capsys.readouterr().err)}
+
+    Trainer(args()).fit(max_steps=2)  # 1.5 epochs of 4 steps = 6 steps; this run does 2 of them
+    assert totals() == {2}
+    Trainer(args("--resume")).fit()  # the remaining 4, across the epoch boundary: one bar
+    err_totals = totals()
+    assert err_totals == {4}
