@@ -166,3 +166,41 @@ def test_d0_at_640_wide_384_high_forward_train_step_and_postprocess():
         dets = postprocess(*model(images), anchors, torch.ones(1), hw, mode="infer", method="hard")
     assert dets.boxes.shape == (1, 100, 4) and int(dets.num_valid[0]) > 0
     assert float(dets.boxes[0, :, 2].max()) <= hw[0] and float(dets.boxes[0, :, 3].max()) <= hw[1]
+
+
+@pytest.mark.parametrize("mode", ["train", "trainval", "eval", "infer"])
+def test_image_size_flag_takes_s_or_wxh_in_every_mode(mode):
+    import main
+    required = {"eval": ["--pretrained"], "infer": ["--pretrained", "--images", "x.png"]}.get(mode, [])
+    args = main.parse_args(["-mode", mode, "--image-size", "640x384", *required])
+    assert args.image_size == (384, 640)
+    assert main.parse_args(["-mode", mode, "--image-size", "320", *required]).image_size == 320
+
+
+@pytest.mark.parametrize("value, message", [("0", "expected positive sides"), ("-128", "expected positive sides"),
+                                            ("640x0", "expected positive sides"), ("abc", "got 'abc'"),
+                                            ("640x", "got '640x'"), ("1.5", "got '1.5'")])
+def test_bad_image_size_flag_is_a_usage_error(value, message, capsys):
+    import main
+    with pytest.raises(SystemExit):
+        main.parse_args(["-mode", "train", "--image-size", value])
+    err = capsys.readouterr().err
+    assert "argument --image-size" in err and message in err
+
+
+def test_size_the_official_network_rejects_is_a_clear_error_before_any_work(tmp_path, capsys):
+    import main
+    from utils.weights import save_weights
+    weights = tmp_path / "d0.pth"
+    with torch.device("meta"):
+        meta = build_model("efficientdet-d0", num_classes=2)
+    save_weights(weights, {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in meta.state_dict().items()},
+                 model_name="efficientdet-d0", num_classes=2)
+    from PIL import Image
+    Image.new("RGB", (40, 30)).save(tmp_path / "photo.png")
+    code = main.main(["-mode", "infer", "--weights", str(weights), "--images", str(tmp_path / "photo.png"),
+                      "--image-size", "640x64", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("error: --image-size: input height 64, width 640 is not supported by the official network")
+    assert not (tmp_path / "out" / "detections.json").exists()

@@ -236,3 +236,61 @@ def test_backbone_only_lite_imagenet_checkpoint(lite_dir, lite_model, tmp_path):
     model.backbone.load_state_dict(state)  # strict: every backbone tensor, nothing else
     expected = lite_model.backbone.state_dict()
     assert all(torch.equal(state[k], expected[k]) for k in state if not k.endswith("num_batches_tracked"))
+
+
+# ------------------------------------------------------------------------------------ the command line
+
+def test_infer_mode_reproduces_the_official_detections(lite_dir, lite_ref, tmp_path):
+    """`-mode infer` (official image path: best class per anchor, class-agnostic soft-NMS) with the ported
+    checkpoint finds every official `det_*` row by class and box; rows are clipped to the photo, as infer
+    writes them, and those left without area are not compared."""
+    import json
+
+    import main
+    weights = tmp_path / "lite0.pth"
+    port_tf_checkpoint(lite_dir, "efficientdet-lite0").save(weights, source=str(lite_dir))
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="not a multiple of 128"):  # 320: runs the unfused network
+        assert main.main(["-mode", "infer", "--weights", str(weights), "--images", str(lite_dir / "image.png"),
+                          "--output", str(out), "--threshold", "0", "--nms", "soft"]) == 0
+    found = [d for d in json.loads((out / "detections.json").read_text()) if d["bbox"][2] > 0 and d["bbox"][3] > 0]
+    height, width = lite_ref["image_uint8"].shape[:2]
+    expected = []
+    for i in range(int(lite_ref["det_num_valid"][0])):
+        ymin, xmin, ymax, xmax = (float(v) for v in lite_ref["det_boxes"][0, i])
+        ymin, ymax = min(max(ymin, 0), height), min(max(ymax, 0), height)
+        xmin, xmax = min(max(xmin, 0), width), min(max(xmax, 0), width)
+        if ymax > ymin and xmax > xmin:
+            expected.append((int(lite_ref["det_classes"][0, i]), [xmin, ymin, xmax - xmin, ymax - ymin],
+                             float(lite_ref["det_scores"][0, i])))
+    assert len(found) == len(expected) > 50
+    for category, box, score in expected:
+        same = [d for d in found if d["category_id"] == category
+                and max(abs(a - b) for a, b in zip(d["bbox"], box)) <= BOX_TOL]
+        assert same, (category, box)
+        assert min(abs(d["score"] - score) for d in same) <= SCORE_TOL
+
+
+def test_training_a_lite_model_on_shapes_at_a_non_square_size(tmp_path):
+    """A few steps of Lite0 on a tiny generated dataset at 160 wide x 96 high (P7 2x1: odd sides throughout);
+    the training preprocessing uses the Lite normalisation from the variant table."""
+    import json
+
+    import main
+    from data.shapes import make_shapes_dataset
+    from train.trainer import Trainer
+    shapes = make_shapes_dataset(tmp_path / "shapes", num_train=4, num_val=2, workers=1)
+    args = main.parse_args(["-mode", "train", "-model", "efficientdet-lite0", "--data", str(shapes),
+                            "--image-size", "160x96", "--batch-size", "2", "--epochs", "1", "--workers", "0",
+                            "--log-every", "1", "--output", str(tmp_path / "run")])
+    trainer = Trainer(args)
+    assert trainer.image_size == (96, 160)
+    assert trainer.train_set.transform.mean_rgb == 127.0 and trainer.train_set.transform.stddev_rgb == 128.0
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in lines if r.get("type") == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    after = trainer.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))
+    assert all(b.se is None for b in trainer.model.backbone.blocks)

@@ -26,7 +26,7 @@ from eval.coco_eval import evaluate_coco
 from eval.evaluator import Detector, run_detection
 from model import AnchorGenerator, build_model, get_config
 from model.config import BN_MOMENTUM
-from model.efficientdet import check_image_size
+from utils.image_size import resolve_image_size
 from train.assign import TargetAssigner
 from train.curves import draw_curves
 from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
@@ -61,14 +61,15 @@ class Trainer:
         torch.manual_seed(args.seed)
 
         ann, images = dataset_paths(args, "train")
-        self.image_size = args.image_size or get_config(self.model_name).image_size
-        check_image_size(self.image_size, self.image_size, get_config(self.model_name).size_divisor, "--image-size")
+        config = get_config(self.model_name)
+        self.image_size = resolve_image_size(config, args.image_size)  # (H, W)
+        normalization = {"mean_rgb": config.mean_rgb, "stddev_rgb": config.stddev_rgb}
         self.train_set = CocoDetection(ann, images, train=True, image_size=self.image_size, seed=args.seed,
                                        transform=TrainTransform(self.image_size, *args.jitter,
-                                                                autoaugment=args.autoaugment))
+                                                                autoaugment=args.autoaugment, **normalization))
         if self.validate:
             ann, images = dataset_paths(args, "val")
-            self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size)
+            self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size, **normalization)
         self.model = build_model(self.model_name, num_classes=self.train_set.num_classes).to(self.device)
         self._load_initial_weights()
         if args.sync_bn and self.dist.enabled:
@@ -105,7 +106,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_fp16)
         self.amp_dtype = (torch.float16 if cuda_fp16 else torch.bfloat16) if args.amp else None
         generator = AnchorGenerator.from_config(self.model.config)
-        self.assigner = TargetAssigner.from_generator(generator, (self.image_size, self.image_size), self.device,
+        self.assigner = TargetAssigner.from_generator(generator, self.image_size, self.device,
                                                       method=args.assigner)
         self.step, self.epoch, self.best_ap, self.non_finite = 0, 0, -1.0, 0
         self.start_time = time.perf_counter()

@@ -8,8 +8,9 @@ import torch
 
 from data.coco import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
 from model import VARIANTS, EfficientDet, build_model
-from model.efficientdet import check_image_size
 from model.inference import PRECISIONS
+from utils.image_size import HELP as IMAGE_SIZE_HELP
+from utils.image_size import image_size_arg, resolve_image_size
 from utils.pretrained import resolve_pretrained
 from utils.weights import load_weights
 
@@ -21,9 +22,7 @@ DEFAULT_MODEL = "efficientdet-d0"
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-model", choices=list(VARIANTS), default=None,
                         help=f"variant (default: the one stored in --weights, else {DEFAULT_MODEL})")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="square network input size, a multiple of 2^max_level (default: the one stored in "
-                             "--weights, else the variant's official size)")
+    parser.add_argument("--image-size", type=image_size_arg, default=None, metavar="S|WxH", help=IMAGE_SIZE_HELP)
 
 
 def add_weights_args(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -115,11 +114,10 @@ def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
     except RuntimeError as e:
         raise ValueError(f"--weights {path}: does not fit {name} with {num_classes} classes: "
                          f"{str(e).splitlines()[0]}") from e
-    image_size = args.image_size or meta.get("image_size") or VARIANTS[name].image_size
-    check_image_size(image_size, image_size, VARIANTS[name].size_divisor, "--image-size")
+    image_size = resolve_image_size(model.config, args.image_size, meta.get("image_size"))
     names, categories = meta.get("class_names"), meta.get("class_to_category")
     if names is None and num_classes == COCO_NUM_CLASSES:  # official checkpoints: COCO's 90-id label space
         names = [COCO_CATEGORY_NAMES.get(c + 1, f"unused_{c + 1}") for c in range(COCO_NUM_CLASSES)]
         categories = list(range(1, COCO_NUM_CLASSES + 1))
-    return model, {"model_name": name, "num_classes": num_classes, "image_size": int(image_size),
+    return model, {"model_name": name, "num_classes": num_classes, "image_size": image_size,
                    "class_names": names, "class_to_category": categories, "source": str(path)}
