@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import main
 from conftest import ROOT
@@ -58,11 +59,11 @@ def _logged_steps(output):
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-@pytest.mark.parametrize("signum, workers", [(signal.SIGINT, 0), (signal.SIGTERM, 1)])
-def test_signal_saves_last_and_resume_gives_the_same_losses(shapes, uninterrupted, tmp_path, signum, workers):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_saves_last_and_resume_gives_the_same_losses(shapes, uninterrupted, tmp_path, signum):
     output = tmp_path / "run"
     with open(tmp_path / "stderr.txt", "w") as err:
-        process = _start(shapes, output, workers, err)
+        process = _start(shapes, output, 0, err)  # as many workers as the runs compared (float rounding)
         _wait_for(lambda: _logged_steps(output) >= 2, process)  # mid-run: after step 2 of 8
         process.send_signal(signum)
         process.communicate(timeout=600)
@@ -84,7 +85,9 @@ def test_signal_saves_last_and_resume_gives_the_same_losses(shapes, uninterrupte
 def test_a_second_sigint_aborts_at_once(shapes, tmp_path):
     output = tmp_path / "run"
     with open(tmp_path / "stderr.txt", "w") as err:
-        process = _start(shapes, output, 0, err, size="384")  # slower steps: the abort lands mid-step
+        # a DataLoader worker (a forked process with the trainer's handlers) too; slower steps: the abort
+        # lands mid-step
+        process = _start(shapes, output, 1, err, size="384")
         _wait_for(lambda: _logged_steps(output) >= 1, process)
         process.send_signal(signal.SIGINT)
         _wait_for(lambda: "SIGINT: finishing" in (tmp_path / "stderr.txt").read_text(), process)
@@ -107,3 +110,34 @@ def test_progress_bar_counts_the_steps_of_this_run(shapes, tmp_path, capsys):
     Trainer(args("--resume")).fit()  # the remaining 4, across the epoch boundary: one bar
     err_totals = totals()
     assert err_totals == {4}
+
+
+def _rank(rank, port, results):
+    import os
+    import torch.distributed as dist
+    from train.distributed import DistInfo
+    from train.interrupt import StopRequests
+    os.environ.pop("TORCHELASTIC_RUN_ID", None)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    info = DistInfo(rank, 2, rank)
+    with StopRequests(info, torch.device("cpu")) as stop:
+        before = stop.poll(bad_images=rank)  # nobody signalled yet; rank 1 saw one bad image
+        if rank == 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # only rank 1 is signalled
+            time.sleep(0.1)  # let the handler run
+        after = stop.poll()
+    dist.destroy_process_group()
+    results.put((rank, before, after))
+
+
+def test_all_ranks_agree_on_the_stop():
+    import torch.multiprocessing as mp
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    processes = [context.Process(target=_rank, args=(rank, 29531, results)) for rank in range(2)]
+    for p in processes:
+        p.start()
+    outcome = dict((rank, (before, after)) for rank, before, after in (results.get(timeout=600) for _ in processes))
+    for p in processes:
+        p.join(timeout=60)
+    assert outcome == {0: ((0, 1), (signal.SIGTERM, 0)), 1: ((0, 1), (signal.SIGTERM, 0))}

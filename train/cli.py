@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from data.autoaugment import AUTOAUGMENT_CHOICES
 from train.freeze import FREEZE_PARTS
@@ -85,5 +86,12 @@ def add_train_only_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run_train(args: argparse.Namespace) -> dict:
+    """Train; a run stopped by SIGINT / SIGTERM (last.pth saved) says so in one line and exits 130 / 143."""
+    from train.interrupt import Interrupted
     from train.trainer import Trainer  # heavy imports only when training
-    return Trainer(args).fit()
+    try:
+        return Trainer(args).fit()
+    except Interrupted as e:
+        if e.speak:
+            print(e, file=sys.stderr)
+        raise SystemExit(e.exit_code) from None

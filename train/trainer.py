@@ -1,8 +1,13 @@
 """The training loop of `-mode train|trainval`: official recipe, exact resume, DDP, per-epoch COCO evaluation.
 
-Run folder (`--output`): `last.pth` (everything needed to resume, written every `--save-every` steps and at
-each epoch end), `best.pth` (EMA weights with the best val AP, `trainval`), `metrics.jsonl` (one line per
-logging step and per evaluation). All files are written atomically, by rank 0 only.
+Run folder (`--output`, checked writable before any work): `last.pth` (everything needed to resume, written
+every `--save-every` steps, at each epoch end and when a SIGINT / SIGTERM stops the run, see `train.interrupt`),
+`best.pth` (EMA weights with the best val AP, `trainval`), `metrics.jsonl` (one line per logging step and per
+evaluation). All files but the log are written atomically, by rank 0 only.
+
+Unreadable training images are skipped (the next readable one takes their place), reported as they happen
+and counted per epoch; the run stops, after saving `last.pth`, as soon as their count passes
+`--max-bad-images`.
 """
 from __future__ import annotations
 
@@ -20,10 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+from data.bad_images import BadImageBudget
 from data.coco import CocoDetection, collate_detection
 from data.transforms import TrainTransform
 from eval.coco_eval import evaluate_coco
-from eval.evaluator import Detector, run_detection
+from eval.evaluator import Detector, readable_image_ids, run_detection
 from model import AnchorGenerator, build_model, get_config
 from model.config import BN_MOMENTUM
 from utils.image_size import resolve_image_size
@@ -32,14 +38,15 @@ from train.curves import draw_curves
 from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
 from train.ema import ModelEMA, unwrap_model
 from train.freeze import freeze_
+from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
 from train.optim import CosineLrSchedule, build_optimizer
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
-from utils.atomic import atomic_open
+from utils.atomic import append_line, atomic_open, check_writable_dir
 from utils.cli import DEFAULT_MODEL, REPO, check_download_flag, dataset_paths, resolve_device
 from utils.pretrained import resolve_pretrained
-from utils.weights import atomic_torch_save, load_weights
+from utils.weights import atomic_torch_save, load_pth, load_weights
 
 MAX_NON_FINITE_IN_A_ROW = 5
 LOSS_TERMS = ("loss", "cls_loss", "box_loss")
@@ -54,9 +61,9 @@ class Trainer:
         self.args = args
         if args.tensorboard:
             summary_writer_class()  # a missing tensorboard package is said before any work
+        self.output = check_writable_dir(args.output or f"runs/{args.model or DEFAULT_MODEL}")
         self.dist, self.device = init_distributed(resolve_device(args.device))
         self.validate = hasattr(args, "eval_every")
-        self.output = Path(args.output or f"runs/{args.model or DEFAULT_MODEL}")
         self.model_name = args.model or DEFAULT_MODEL
         torch.manual_seed(args.seed)
 
@@ -109,6 +116,8 @@ class Trainer:
         self.assigner = TargetAssigner.from_generator(generator, self.image_size, self.device,
                                                       method=args.assigner)
         self.step, self.epoch, self.best_ap, self.non_finite = 0, 0, -1.0, 0
+        self.eval_pending = False  # an epoch-end evaluation a signal made the run skip: done first on resume
+        self.in_a_row = 0  # non-finite losses in a row (across epochs)
         self.start_time = time.perf_counter()
         self._prepare_run_folder()
         self.tensorboard = TensorBoardLog(self.output) if args.tensorboard and self.dist.is_main else None
@@ -173,16 +182,17 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        config = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(self.args).items()}
+        config = {k: _plain(v) for k, v in vars(self.args).items()}
         atomic_torch_save({**self._meta(), "config": config, "state_dict": unwrap_model(self.model).state_dict(),
                            "ema_state_dict": self.ema.module.state_dict(), "ema_updates": self.ema.num_updates,
                            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
-                           "best_ap": self.best_ap, "non_finite": self.non_finite, "rng": rng},
+                           "best_ap": self.best_ap, "non_finite": self.non_finite, "rng": rng,
+                           "eval_pending": self.eval_pending},
                           self.output / "last.pth")
 
     def _resume(self) -> None:
-        ckpt = torch.load(self.output / "last.pth", map_location=self.device, weights_only=True)
+        ckpt = load_pth(self.output / "last.pth", map_location=self.device)
         changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} -> {getattr(self.args, k)}" for k in RUN_FLAGS
                    if _plain(ckpt["config"].get(k)) != _plain(getattr(self.args, k))]
         if changed:
@@ -195,6 +205,7 @@ class Trainer:
         self.scaler.load_state_dict(ckpt["scaler"])
         self.step, self.epoch, self.best_ap, self.non_finite = (ckpt["step"], ckpt["epoch"], ckpt["best_ap"],
                                                                 ckpt["non_finite"])
+        self.eval_pending = bool(ckpt.get("eval_pending", False))
         torch.set_rng_state(ckpt["rng"]["torch"].cpu())
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
@@ -250,59 +261,30 @@ class Trainer:
         return {**dict(zip(LOSS_TERMS, terms)), "num_positives": float(losses["num_positives"]) * self.dist.world_size}
 
     def fit(self, max_steps: int | None = None) -> dict:
-        """Train to the end (or for `max_steps` more steps, then save and stop). Returns the last metrics."""
+        """Train to the end (or for `max_steps` more steps, then save and stop). Returns the last metrics.
+
+        Raises `Interrupted` after saving `last.pth` when a SIGINT / SIGTERM arrived (all ranks stop after
+        the same step), RuntimeError when too many images are unreadable or the loss stays non-finite.
+        """
         stop_at = self.total_steps if max_steps is None else min(self.total_steps, self.step + max_steps)
         self._say(f"training {self.model_name} on {len(self.train_set)} images ({self.train_set.num_classes} classes)"
                   f" at {self.image_size} px: {self.total_steps} steps of {self.args.batch_size} x "
                   f"{self.dist.world_size} images, lr {self.lr:g}, {self.args.assigner} assignment -> {self.output}")
         last = {}
-        in_a_row = 0
+        # One bar for the steps this run does (a fractional --epochs or a resume does not end on an epoch).
+        bar = tqdm(total=stop_at - self.step, unit="step", disable=not self.dist.is_main, dynamic_ncols=True)
+        epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         try:
-            while self.step < stop_at:
-                self.epoch = self.step // self.steps_per_epoch
-                bar = tqdm(total=self.steps_per_epoch, initial=self.step - self.epoch * self.steps_per_epoch,
-                           desc=f"epoch {self.epoch + 1}/{math.ceil(self.total_steps / self.steps_per_epoch)}",
-                           disable=not self.dist.is_main, dynamic_ncols=True)
-                failed = seen = 0
-                tick, tick_step = time.perf_counter(), self.step
-                for batch in self._loader(self.epoch):
-                    images, t = batch
-                    failed, seen = failed + t["num_failed"], seen + len(images) + t["num_failed"]
-                    lr = self.optimizer.param_groups[0]["lr"]
-                    losses = self.train_step(images.to(self.device, non_blocking=True), t["gt_boxes"].to(self.device),
-                                             t["gt_classes"].to(self.device))
-                    if losses is None:
-                        self.non_finite, in_a_row = self.non_finite + 1, in_a_row + 1
-                        if in_a_row > MAX_NON_FINITE_IN_A_ROW:
-                            raise RuntimeError(f"loss not finite for {in_a_row} steps in a row (step {self.step}); "
-                                               f"lower --lr or check the data")
-                        continue
-                    in_a_row = 0
-                    self.step += 1
-                    bar.update(1)
-                    rate = (self.step - tick_step) * self.args.batch_size * self.dist.world_size / (
-                        time.perf_counter() - tick)
-                    eta = (stop_at - self.step) * self.args.batch_size * self.dist.world_size / max(rate, 1e-9)
-                    last = {"loss": losses["loss"], "cls_loss": losses["cls_loss"], "box_loss": losses["box_loss"],
-                            "lr": lr, "img_per_s": rate}
-                    bar.set_postfix(loss=f"{losses['loss']:.4f}", cls=f"{losses['cls_loss']:.4f}",
-                                    box=f"{losses['box_loss']:.5f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}",
-                                    eta=_hms(eta))
-                    if self.step % self.args.log_every == 0 or self.step == stop_at:
-                        self._log({"type": "train", "epoch": self.epoch + 1, "step": self.step, **last,
-                                   "num_positives": losses["num_positives"], "non_finite_skipped": self.non_finite})
-                    epoch_done = self.step % self.steps_per_epoch == 0
-                    # Also at the very end when --epochs ends mid-epoch, so the final weights are evaluated.
-                    if self.validate and ((epoch_done and (self.epoch + 1) % self.args.eval_every == 0)
-                                          or self.step == self.total_steps):
-                        last.update(self.evaluate())
-                    if self.step % self.args.save_every == 0 or epoch_done or self.step == stop_at:
-                        self.save_last()
-                    if self.step == stop_at:
+            with StopRequests(self.dist, self.device) as stop:
+                if self.eval_pending:
+                    last.update(self.evaluate())
+                while self.step < stop_at:
+                    self.epoch = self.step // self.steps_per_epoch
+                    bar.set_description(f"epoch {self.epoch + 1}/{epochs}")
+                    if self._train_epoch(stop_at, stop, bar, last):
                         break
-                bar.close()
-                self.train_set.check_failures(failed, seen)
         finally:
+            bar.close()
             cleanup(self.dist)
             if self.tensorboard is not None:
                 self.tensorboard.close()
@@ -312,18 +294,85 @@ class Trainer:
                   + (f", best AP {self.best_ap:.4f}" if self.validate else ""))
         return last
 
+    def _train_epoch(self, stop_at: int, stop: StopRequests, bar: tqdm, last: dict) -> bool:
+        """The rest of epoch `self.epoch`, or up to `stop_at`; True when the run is to end there."""
+        images_per_epoch = self.steps_per_epoch * self.args.batch_size * self.dist.world_size
+        bad_images = BadImageBudget(self.args.max_bad_images, images_per_epoch,
+                                    f"epoch {self.epoch + 1} on {self.train_set.image_dir}")
+        tick, tick_step = time.perf_counter(), self.step
+        for images, t in self._loader(self.epoch):
+            lr = self.optimizer.param_groups[0]["lr"]
+            losses = self.train_step(images.to(self.device, non_blocking=True), t["gt_boxes"].to(self.device),
+                                     t["gt_classes"].to(self.device))
+            signum, bad = stop.poll(t["num_failed"])  # every rank, every batch: all take the same branches
+            try:
+                bad_images.add(t["failures"], bad)
+            except RuntimeError:
+                self.save_last()
+                raise
+            if losses is None:
+                self.non_finite, self.in_a_row = self.non_finite + 1, self.in_a_row + 1
+                if self.in_a_row > MAX_NON_FINITE_IN_A_ROW:
+                    raise RuntimeError(f"loss not finite for {self.in_a_row} steps in a row (step {self.step}); "
+                                       f"lower --lr or check the data")
+                if signum:
+                    self._stop(signum)
+                continue
+            self.in_a_row = 0
+            self.step += 1
+            bar.update(1)
+            rate = (self.step - tick_step) * self.args.batch_size * self.dist.world_size / (time.perf_counter() - tick)
+            current = {"loss": losses["loss"], "cls_loss": losses["cls_loss"], "box_loss": losses["box_loss"],
+                       "lr": lr, "img_per_s": rate}
+            last.update(current)
+            bar.set_postfix(loss=f"{losses['loss']:.4f}", cls=f"{losses['cls_loss']:.4f}",
+                            box=f"{losses['box_loss']:.5f}", lr=f"{lr:.2e}", img_s=f"{rate:.1f}")
+            if self.step % self.args.log_every == 0 or self.step == stop_at:
+                self._log({"type": "train", "epoch": self.epoch + 1, "step": self.step, **current,
+                           "num_positives": losses["num_positives"], "non_finite_skipped": self.non_finite})
+            epoch_done = self.step % self.steps_per_epoch == 0
+            # Also at the very end when --epochs ends mid-epoch, so the final weights are evaluated.
+            if self.validate and ((epoch_done and (self.epoch + 1) % self.args.eval_every == 0)
+                                  or self.step == self.total_steps):
+                if signum:  # stop now; the resumed run evaluates these weights first
+                    self.eval_pending = True
+                else:
+                    last.update(self.evaluate())
+                    signum = stop.poll()[0]  # a signal during the evaluation stops the run here
+            if signum:
+                self._stop(signum)
+            if self.step % self.args.save_every == 0 or epoch_done or self.step == stop_at:
+                self.save_last()
+            if self.step == stop_at:
+                return True
+        return False
+
+    def _stop(self, signum: int) -> None:
+        self.save_last()
+        raise Interrupted(self.step, signum, speak=self.dist.is_main)
+
     # ---------------------------------------------------------------- evaluation and logging
     def evaluate(self) -> dict:
-        """COCO AP of the EMA weights on the val set (images sharded over ranks); keeps best.pth."""
+        """COCO AP of the EMA weights on the val images that could be read (sharded over ranks); keeps best.pth.
+
+        Unreadable images stop the evaluation as soon as they pass --max-bad-images; under DDP the ranks'
+        counts are summed, and checked, once their detections are gathered.
+        """
+        self.eval_pending = False
         detector = Detector(self.ema.module, self.image_size, "eval", self.args.val_nms)
-        results, run = run_detection(detector, self.val_set, self.args.batch_size, self.args.workers, self.device,
-                                     self.args.val_max_images, self.dist.rank, self.dist.world_size,
-                                     progress=self.dist.is_main)
-        results = gather_lists(results, self.dist)
+        count = min(self.args.val_max_images or len(self.val_set), len(self.val_set))
+        budget = BadImageBudget(self.args.max_bad_images, count, f"evaluation on {self.val_set.image_dir}",
+                                speak=self.dist.is_main)
+        results, run, failures = run_detection(
+            detector, self.val_set, self.args.batch_size, self.args.workers, self.device, self.args.val_max_images,
+            self.dist.rank, self.dist.world_size, progress=self.dist.is_main,
+            bad_images=None if self.dist.enabled else budget)
+        results, failures = gather_lists(results, self.dist), gather_lists(failures, self.dist)
+        if self.dist.enabled:
+            budget.add(failures)
         stats = None
         if self.dist.is_main:
-            count = min(self.args.val_max_images or len(self.val_set), len(self.val_set))
-            stats = evaluate_coco(self.val_set.coco, results, self.val_set.image_ids[:count])
+            stats = evaluate_coco(self.val_set.coco, results, readable_image_ids(self.val_set, count, failures))
         stats = broadcast(stats, self.dist)
         improved = stats["AP"] > self.best_ap
         self.best_ap = max(self.best_ap, stats["AP"])
@@ -355,13 +404,15 @@ class Trainer:
             record = {**record, "images": record["step"] * self.args.batch_size * self.dist.world_size}
             if self.tensorboard is not None:
                 self.tensorboard.add(record)
-            self.output.mkdir(parents=True, exist_ok=True)
-            with open(self.output / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}) + "\n")
+            append_line(self.output / "metrics.jsonl",
+                        json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}))
 
 
 def _plain(value):
-    return list(value) if isinstance(value, tuple) else value
+    """A flag's value as plain data (a checkpoint holds nothing else): tuples as lists, objects as text."""
+    if isinstance(value, tuple):
+        return list(value)
+    return value if value is None or isinstance(value, (bool, int, float, str, list)) else str(value)
 
 
 def _hms(seconds: float) -> str:

@@ -2,21 +2,49 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
 
-from data.coco import COCO_CATEGORY_NAMES, COCO_NUM_CLASSES
-from model import VARIANTS, EfficientDet, build_model
+from data.bad_images import BadImageLimit
+from model import VARIANTS, EfficientDet
 from model.inference import PRECISIONS
 from utils.image_size import HELP as IMAGE_SIZE_HELP
 from utils.image_size import image_size_arg, resolve_image_size
 from utils.pretrained import resolve_pretrained
-from utils.weights import load_weights
+from utils.weights import detector_from_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SHAPES_ROOT = REPO / "data" / "shapes"
 DEFAULT_MODEL = "efficientdet-d0"
+
+
+def number(kind=float, low=None, high=None, low_open=False, high_open=False):
+    """An argparse `type` for a finite `kind` (int or float) in [low, high] (an end is open with `low_open` /
+    `high_open`, absent when None); anything else is a one-line usage error naming the flag."""
+    where = (("(" if low_open or low is None else "[") + ("-inf" if low is None else f"{low}") + ", "
+             + ("inf" if high is None else f"{high}") + (")" if high_open or high is None else "]"))
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} in {where}, got {text!r}") from None
+        below = low is not None and (value <= low if low_open else value < low)
+        above = high is not None and (value >= high if high_open else value > high)
+        if not math.isfinite(value) or below or above:
+            raise argparse.ArgumentTypeError(f"expected {what} in {where}, got {text}")
+        return value
+    return parse
+
+
+def max_bad_images(text: str) -> BadImageLimit:
+    try:
+        return BadImageLimit.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -41,11 +69,15 @@ def add_data_args(parser: argparse.ArgumentParser, splits: tuple[str, ...]) -> N
     for split in splits:
         parser.add_argument(f"--{split}-ann", default=None, help=f"{split} annotation json (overrides --data)")
         parser.add_argument(f"--{split}-images", default=None, help=f"{split} image folder (overrides --data)")
+    parser.add_argument("--max-bad-images", type=max_bad_images, default=BadImageLimit(percent=1.0), metavar="N|P%",
+                        help="stop as soon as more images than this could not be read (missing, cannot decode, "
+                             "truncated) in an epoch or an evaluation: a number, or a percentage of its images")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--batch-size", type=int, default=batch_size, help="images per batch (per process)")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
+    parser.add_argument("--batch-size", type=number(int, 1), default=batch_size,
+                        help="images per batch (per process)")
+    parser.add_argument("--workers", type=number(int, 0), default=2, help="DataLoader worker processes")
     parser.add_argument("--device", default="auto", help="'auto' (cuda if available), 'cpu', 'cuda', 'cuda:N'")
 
 
@@ -100,24 +132,7 @@ def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
         path = resolve_pretrained(args.model or DEFAULT_MODEL, REPO / "weights", download_missing=args.download)
     else:
         path = Path(args.weights)
-    state, meta = load_weights(path)
-    stored = meta.get("model_name")
-    if args.model and stored and args.model != stored:
-        raise ValueError(f"--weights {path}: holds {stored} weights, but -model {args.model} was asked for")
-    name = args.model or stored or DEFAULT_MODEL
-    if meta.get("backbone_only"):
-        raise ValueError(f"--weights {path}: holds backbone weights only; a detector needs full weights")
-    num_classes = meta.get("num_classes") or state["class_net.predict.conv_pw.bias"].numel() // VARIANTS[name].num_anchors
-    model = build_model(name, num_classes=num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"--weights {path}: does not fit {name} with {num_classes} classes: "
-                         f"{str(e).splitlines()[0]}") from e
-    image_size = resolve_image_size(model.config, args.image_size, meta.get("image_size"))
-    names, categories = meta.get("class_names"), meta.get("class_to_category")
-    if names is None and num_classes == COCO_NUM_CLASSES:  # official checkpoints: COCO's 90-id label space
-        names = [COCO_CATEGORY_NAMES.get(c + 1, f"unused_{c + 1}") for c in range(COCO_NUM_CLASSES)]
-        categories = list(range(1, COCO_NUM_CLASSES + 1))
-    return model, {"model_name": name, "num_classes": num_classes, "image_size": image_size,
-                   "class_names": names, "class_to_category": categories, "source": str(path)}
+    model, info = detector_from_weights(path, args.model, "--weights")
+    name = info["model_name"]
+    image_size = resolve_image_size(model.config, args.image_size, info["image_size"])
+    return model, {**info, "image_size": image_size}
