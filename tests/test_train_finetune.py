@@ -58,7 +58,7 @@ def test_freeze_trains_only_the_rest_and_keeps_frozen_bn_statistics(shapes, tmp_
     model.train()  # as any caller may: frozen BN stays in eval mode, the rest trains
     assert all(_bn_modes(getattr(model, name)) == {False} for name in frozen)
     assert all(_bn_modes(getattr(model, name)) == {True} for name in trained)
-    trainer.fit(max_steps=2)
+    trainer.fit(max_steps=1)
     model.train()
     for name in frozen:
         after = getattr(model, name).state_dict()  # weights and BN running statistics, untouched
