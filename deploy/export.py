@@ -57,8 +57,8 @@ def check_export(config, fmt: str, image_hw: tuple[int, int], precision: str) ->
                  if side + same_padding(3, 2, side)[0] < 3]
         if small:
             level, side = small[0]
-            raise ValueError(f"--image-size {image_hw[0]}x{image_hw[1]} with --format openvino: P{level} is {side} px, "
-                             f"too small for OpenVINO's 3x3 max-pool; use a larger size (e.g. "
+            raise ValueError(f"--image-size: height {image_hw[0]}, width {image_hw[1]} with --format openvino: P{level} "
+                             f"is {side} px, too small for OpenVINO's 3x3 max-pool; use a larger size (e.g. "
                              f"{2 * config.size_divisor}) or --format onnx")
 
 
@@ -81,6 +81,19 @@ def export_onnx(model: EfficientDet, path: Path, image_hw: tuple[int, int], batc
     return path
 
 
+def onnx_to_openvino(onnx_path: Path, output: Path, precision: str = "fp32") -> Path:
+    """`model.xml` + `model.bin` in `output` from an ONNX file, weights in float32."""
+    import openvino as ov
+    ov_model = ov.convert_model(str(onnx_path))
+    if precision == "bf16":  # read by the CPU plugin when compiling, unless the caller overrides it
+        ov_model.set_rt_info("bf16", ["runtime_options", "INFERENCE_PRECISION_HINT"])
+    with tempfile.TemporaryDirectory(dir=output) as tmp:  # complete files only in `output`
+        ov.save_model(ov_model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
+        for name in ("model.xml", "model.bin"):
+            (Path(tmp) / name).replace(Path(output) / name)
+    return Path(output) / "model.xml"
+
+
 def export_model(model: EfficientDet, info: dict, output: Path, fmt: str, image_hw: tuple[int, int],
                  batch_size: int | None = 1, precision: str = "fp32", with_nms: bool = False) -> Path:
     """Export `model` (its weights from `info["source"]`) into the folder `output`; returns the sidecar path.
@@ -97,13 +110,8 @@ def export_model(model: EfficientDet, info: dict, output: Path, fmt: str, image_
         export_onnx(model, tmp, image_hw, batch_size, with_nms)
         tmp.replace(output / FORMATS[fmt])
     else:
-        import openvino as ov
         with tempfile.TemporaryDirectory(dir=output) as tmp:
-            ov_model = ov.convert_model(export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms))
-            if precision == "bf16":  # read by the CPU plugin when compiling, unless the caller overrides it
-                ov_model.set_rt_info("bf16", ["runtime_options", "INFERENCE_PRECISION_HINT"])
-            ov.save_model(ov_model, str(Path(tmp) / FORMATS[fmt]), compress_to_fp16=False)
-            for name in ("model.xml", "model.bin"):
-                (Path(tmp) / name).replace(output / name)
+            onnx_to_openvino(export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms), output,
+                             precision)
     sidecar = make_sidecar(model.config, info, fmt, FORMATS[fmt], image_hw, batch_size, precision, with_nms, OPSET)
     return write_sidecar(sidecar, output)

@@ -1,0 +1,280 @@
+"""Export (ONNX, OpenVINO IR, JSON sidecar) and the inference backends: the exported networks compute what
+our plain model computes (ported TF fixture weights), `--with-nms` finds our infer path's detections, eval
+through ONNX Runtime gives torch's COCO numbers, and bad requests fail with one clear line."""
+import importlib
+import json
+
+import numpy as np
+import pytest
+import torch
+from torchvision.ops import box_iou
+
+import main
+from conftest import record_delta
+from data.coco import CocoDetection
+from data.shapes import make_shapes_dataset
+from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork, open_backend
+from deploy.export import export_model, onnx_to_openvino
+from deploy.sidecar import make_sidecar, read_sidecar
+from model import AnchorGenerator, build_model
+from model.postprocess import postprocess
+from utils.cpu import unsupported_precision
+from utils.port_tf import load_tf_state_dict
+from utils.weights import detector_from_weights, save_weights
+
+TOL = 2e-4  # exported fp32 outputs vs our plain fp32 model
+FIXTURE_INFO = {"model_name": "efficientdet-d0", "num_classes": 90, "class_names": None,
+                "class_to_category": None, "source": "tf_reference_d0"}
+
+
+def _max_delta(outputs, expected) -> float:
+    pairs = list(zip(outputs[0] + outputs[1], expected[0] + expected[1]))
+    assert len(pairs) == 10 and all(a.shape == b.shape for a, b in pairs)
+    return max(float((a.float() - b).abs().max()) for a, b in pairs)
+
+
+def _randomise_(model, seed=0):
+    """Non-trivial BN statistics and biases (a fresh model has identity BNs and zero biases)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and t.dim() == 1:
+                r = torch.rand(t.shape, generator=g)
+                t.copy_(0.5 + 1.5 * r if name.endswith(("running_var", "weight")) else 0.4 * (r - 0.5))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def ported(fixture_dir):
+    model = build_model("efficientdet-d0")
+    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def photos(input_nchw):
+    """The fixture photo and its mirror image: a batch of two different 512 px inputs."""
+    return torch.cat([input_nchw, input_nchw.flip(3)])
+
+
+@pytest.fixture(scope="module")
+def plain(ported, photos):
+    with torch.no_grad():
+        return ported(photos)
+
+
+@pytest.fixture(scope="module")
+def d0(ported, tmp_path_factory):
+    """D0 with the ported fixture weights at 512 px: an ONNX export with batch 1, and the OpenVINO IR
+    converted from it (as `--format openvino` does); `(folder, onnx sidecar, openvino sidecar)`."""
+    folder = tmp_path_factory.mktemp("d0")
+    export_model(ported, FIXTURE_INFO, folder / "onnx", "onnx", (512, 512), batch_size=1)
+    (folder / "openvino").mkdir()
+    onnx_to_openvino(folder / "onnx" / "model.onnx", folder / "openvino")
+    ov_sidecar = make_sidecar(ported.config, FIXTURE_INFO, "openvino", "model.xml", (512, 512), 1, "fp32", False, 18)
+    return folder, read_sidecar(folder / "onnx"), ov_sidecar
+
+
+def test_onnxruntime_fp32_equals_plain(d0, photos, plain):
+    """Batch 1 export, batch 2 input: run image by image, each as the plain model computes it."""
+    folder, sidecar, _ = d0
+    delta = _max_delta(OnnxRuntimeNetwork(folder / "onnx", sidecar)(photos), plain)
+    assert record_delta("ONNX Runtime fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
+
+
+def test_openvino_fp32_equals_plain(d0, photos, plain):
+    folder, _, ov_sidecar = d0
+    delta = _max_delta(OpenVinoNetwork(folder / "openvino", ov_sidecar)(photos), plain)
+    assert record_delta("OpenVINO fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
+
+
+def _detections(outputs, image_hw=(512, 512)):
+    anchors = AnchorGenerator.from_config(build_model("efficientdet-d0").config)(image_hw)
+    return postprocess(*outputs, anchors, torch.ones(len(outputs[0][0])), image_hw, "infer", "hard")
+
+
+def _same(a, i, b, j) -> bool:
+    """Detection i of image 0 in `a` and j in `b`: same class, boxes with IoU >= 0.85."""
+    return bool(a.classes[0, i] == b.classes[0, j]) and float(box_iou(a.boxes[0, i:i + 1], b.boxes[0, j:j + 1])) >= 0.85
+
+
+def test_openvino_bf16_keeps_the_top_detections(d0, photos, plain):
+    """The rule of the torch bf16 path (tests/test_speed_paths.py): fp32's three leaders are bf16's top 3,
+    and its top 10 are among bf16's top 20."""
+    reason = unsupported_precision("bf16")
+    if reason:
+        pytest.skip(reason)
+    folder, _, ov_sidecar = d0
+    reference = _detections(plain)
+    bf16 = _detections(OpenVinoNetwork(folder / "openvino", ov_sidecar, "bf16")(photos[:1]))
+    assert all(any(_same(reference, i, bf16, j) for j in range(3)) for i in range(3))
+    assert sum(any(_same(reference, i, bf16, j) for j in range(20)) for i in range(10)) >= 9
+
+
+def test_onnxruntime_refuses_bf16(d0):
+    folder, sidecar, _ = d0
+    with pytest.raises(ValueError, match="^--precision bf16 with --backend onnxruntime: .*use --backend openvino"):
+        OnnxRuntimeNetwork(folder / "onnx", sidecar, "bf16")
+
+
+def _assert_equal_detections(outputs, expected):
+    """Exported `(boxes, scores, classes, num_valid)` vs our `Detections`: same count and classes in the same
+    order, scores within float noise, boxes within 0.05 px."""
+    boxes, scores, classes, num_valid = (np.asarray(o) for o in outputs)
+    assert np.array_equal(num_valid, expected.num_valid.numpy()) and num_valid.min() > 0
+    assert np.array_equal(classes, expected.classes.numpy())
+    assert np.abs(scores - expected.scores.numpy()).max() <= 1e-4
+    assert np.abs(boxes - expected.boxes.numpy()).max() <= 0.05
+
+
+def test_with_nms_detections_equal_our_infer_path(ported, photos, plain, tmp_path):
+    """`--with-nms` (dynamic batch): ONNX Runtime and OpenVINO run decoding + NonMaxSuppression to the
+    detections of `postprocess(mode="infer", method="hard")` on the plain outputs."""
+    import onnxruntime as ort
+    import openvino as ov
+    export_model(ported, FIXTURE_INFO, tmp_path, "onnx", (512, 512), batch_size=None, with_nms=True)
+    sidecar = read_sidecar(tmp_path)
+    assert sidecar["with_nms"] and [o["name"] for o in sidecar["outputs"]] == ["boxes", "scores", "classes",
+                                                                            "num_valid"]
+    expected = _detections(plain)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    _assert_equal_detections(session.run(None, {"images": photos.numpy()}), expected)
+    compiled = ov.Core().compile_model(str(tmp_path / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    results = compiled(photos.numpy())
+    _assert_equal_detections([results[out] for out in compiled.outputs], expected)
+    with pytest.raises(ValueError, match="exported --with-nms"):
+        OnnxRuntimeNetwork(tmp_path, sidecar)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 6-image shapes dataset and D0 weights for its classes at 128 px (randomised BN and biases)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    root = make_shapes_dataset(folder / "shapes", num_train=2, num_val=6, workers=1)
+    val = CocoDetection.from_root(root, "val", image_size=128)
+    torch.manual_seed(0)
+    model = _randomise_(build_model("efficientdet-d0", num_classes=val.num_classes))
+    weights = folder / "w.pth"
+    save_weights(weights, model.state_dict(), model_name="efficientdet-d0", num_classes=val.num_classes,
+                 class_names=val.class_names, class_to_category=val.class_to_category, image_size=128)
+    return root, weights
+
+
+def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
+    """D1 at 256 px through `-mode export --format openvino --batch-size 2`: the sidecar read back is the
+    one made from the config and weights, with the config's preprocessing constants and anchors; OpenVINO
+    outputs equal the plain model's."""
+    torch.manual_seed(0)
+    model = _randomise_(build_model("efficientdet-d1", num_classes=3))
+    weights = tmp_path / "d1.pth"
+    save_weights(weights, model.state_dict(), model_name="efficientdet-d1", num_classes=3,
+                 class_names=["ring", "star", "box"], class_to_category=[1, 5, 9])
+    out = tmp_path / "d1"
+    assert main.main(["-mode", "export", "--weights", str(weights), "--format", "openvino", "--image-size", "256",
+                      "--batch-size", "2", "--output", str(out)]) == 0
+    assert "exported efficientdet-d1" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["model.bin", "model.json", "model.xml"]
+    sidecar = read_sidecar(out)
+    _, info = detector_from_weights(weights)
+    assert sidecar == json.loads(json.dumps(make_sidecar(model.config, info, "openvino", "model.xml", (256, 256), 2,
+                                                         "fp32", False, 18)))
+    assert sidecar["preprocessing"]["mean_rgb"] == pytest.approx(list(model.config.mean_rgb))
+    assert sidecar["preprocessing"]["stddev_rgb"] == pytest.approx(list(model.config.stddev_rgb))
+    assert sidecar["classes"] == [{"index": 0, "id": 1, "name": "ring"}, {"index": 1, "id": 5, "name": "star"},
+                                  {"index": 2, "id": 9, "name": "box"}]
+    a = sidecar["anchors"]
+    rebuilt = AnchorGenerator(a["min_level"], a["max_level"], a["num_scales"], a["aspect_ratios"], a["anchor_scale"])
+    assert torch.equal(rebuilt((256, 256)), AnchorGenerator.from_config(model.config)((256, 256)))
+    images = torch.randn(3, 3, 256, 256, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(images)
+    assert [o["shape"] for o in sidecar["outputs"]] == [[2, *t.shape[1:]] for t in expected[0] + expected[1]]
+    delta = _max_delta(OpenVinoNetwork(out, sidecar)(images), expected)  # 3 images: chunks of 2, last padded
+    assert record_delta("OpenVINO IR fp32 vs plain, D1 256 random", delta, 0.0, TOL) <= TOL
+
+
+def test_eval_through_onnxruntime_gives_torch_numbers(tiny, tmp_path, monkeypatch, capsys):
+    """The same COCO numbers and detections; the export is made once into runs/export-cache/ and reused.
+
+    Random weights score every box alike, so the dataset's own shapes would give AP ~0, where a swap of two
+    near-equal scores moves the numbers. The ground truth is instead the torch backend's three best
+    detections per image: a high AP that float noise cannot move."""
+    root, weights = tiny
+    monkeypatch.chdir(tmp_path)
+
+    def evaluate(backend, ann):
+        out = tmp_path / f"{backend}-{ann.stem}"
+        assert main.main(["-mode", "eval", "--weights", str(weights), "--data", str(root), "--workers", "0",
+                          "--output", str(out), "--backend", backend, "--val-ann", str(ann)]) == 0
+        return [json.loads((out / f"{name}_val.json").read_text()) for name in ("metrics", "detections")]
+
+    ann = root / "annotations" / "instances_val2017.json"
+    _, found = evaluate("torch", ann)
+    dataset = json.loads(ann.read_text())
+    best = [d for i in {d["image_id"] for d in found}
+            for d in sorted((d for d in found if d["image_id"] == i), key=lambda d: -d["score"])[:3]]
+    dataset["annotations"] = [{"id": k + 1, "image_id": d["image_id"], "category_id": d["category_id"],
+                               "bbox": d["bbox"], "area": d["bbox"][2] * d["bbox"][3], "iscrowd": 0}
+                              for k, d in enumerate(best)]
+    ann = tmp_path / "torch_top3.json"
+    ann.write_text(json.dumps(dataset))
+    (torch_metrics, torch_dets), (ort_metrics, ort_dets) = evaluate("torch", ann), evaluate("onnxruntime", ann)
+    assert "exporting efficientdet-d0" in capsys.readouterr().out
+    assert torch_metrics["stats"]["AP"] > 0.3 and len(ort_dets) == len(torch_dets)
+    for name, value in torch_metrics["stats"].items():
+        assert ort_metrics["stats"][name] == pytest.approx(value, abs=1e-3), name
+    for i in {d["image_id"] for d in torch_dets}:  # each image's leaders (its ground truth) are the same
+        leaders = [sorted((d for d in dets if d["image_id"] == i), key=lambda d: -d["score"])[:3]
+                   for dets in (torch_dets, ort_dets)]
+        for a, b in zip(*leaders):
+            assert a["category_id"] == b["category_id"] and abs(a["score"] - b["score"]) <= 1e-4
+            assert np.abs(np.subtract(a["bbox"], b["bbox"])).max() <= 0.05
+    _, info = detector_from_weights(weights)
+    assert open_backend("onnxruntime", None, {**info, "image_size": 128}, (128, 128)) is not None
+    assert "exporting" not in capsys.readouterr().out  # the cached export is reused
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--format", "onnx", "--image-size", "640x64"],
+     "error: --image-size: input height 64, width 640 is not supported by the official network"),
+    (["--format", "openvino", "--image-size", "128"],
+     "error: --image-size: height 128, width 128 with --format openvino: P6 is 2 px, too small for OpenVINO's"),
+    (["--format", "onnx", "--precision", "bf16"], "error: --precision bf16 with --format onnx: ONNX Runtime has "
+                                                  "no bf16 CPU kernels"),
+])
+def test_export_refusals_are_one_clear_line(tiny, tmp_path, capsys, flags, message):
+    _, weights = tiny
+    assert main.main(["-mode", "export", "--weights", str(weights), "--output", str(tmp_path / "x"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+    assert not (tmp_path / "x" / "model.json").exists()
+
+
+def test_bad_format_is_a_usage_error(tiny, tmp_path, capsys):
+    _, weights = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["-mode", "export", "--weights", str(weights), "--format", "tflite", "--output", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "argument --format: invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, package", [
+    (["-mode", "export", "--format", "openvino", "--output", "{tmp}/x"], "openvino"),
+    (["-mode", "export", "--format", "onnx", "--output", "{tmp}/x"], "onnxscript"),
+    (["-mode", "eval", "--backend", "onnxruntime", "--data", "{root}", "--workers", "0"], "onnxruntime"),
+])
+def test_missing_runtime_is_one_clear_line(tiny, tmp_path, capsys, monkeypatch, argv, package):
+    root, weights = tiny
+    real_import = importlib.import_module
+
+    def fail(name, *args):
+        if name == package:
+            raise ImportError(f"No module named '{package}'")
+        return real_import(name, *args)
+    monkeypatch.setattr("deploy.export.importlib.import_module", fail)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.format(tmp=tmp_path, root=root) for a in argv] + ["--weights", str(weights)]
+    assert main.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: --{'backend' if 'eval' in argv else 'format'} ") and err.count("\n") == 1
+    assert f"needs the '{package}' package" in err and "pip install -r requirements.txt" in err
