@@ -1,8 +1,8 @@
 """torch.hub entry points: `torch.hub.load(REPO_DIR, "efficientdet_d0", source="local", weights="my.pth")`
 works from any working directory (torch.hub puts this folder on `sys.path` while it loads).
 
-One entry point per variant of the variant table (`model.config.VARIANTS`: efficientdet_d0 ... efficientdet_d7x),
-generated from it. Each returns the EfficientDet in eval mode:
+One entry point per variant of the variant table (`model.config.VARIANTS`), generated from it, named with `_`
+for `-` (efficientdet_d0 ... efficientdet_d7x, efficientdet_lite0 ...). Each returns the model in eval mode:
 
 * `weights=PATH`: a `.pth` written by the porter (`python -m utils.port_tf`) or by training (`best.pth`,
   `last.pth`: its EMA weights); the number of classes and the class names come from the file
