@@ -3,8 +3,9 @@
 ONNX: `torch.onnx.export` (its default exporter: `torch.export` then onnxscript), opset 18, one file
 with the weights inside, input `images` [N, 3, H, W] float32 (N fixed or dynamic). OpenVINO: that ONNX
 file through `openvino.convert_model`, saved with `openvino.save_model` as `model.xml` + `model.bin` in
-float32 (no fp16 compression); bf16 is an inference-precision hint kept in the IR's runtime options and
-in the sidecar. Every export folder gets a `model.json` sidecar (`deploy.sidecar`).
+float32 (no fp16 compression). The precision is how to compile it: the sidecar's `runtime_config`
+(`INFERENCE_PRECISION_HINT`; OpenVINO's CPU default is bf16 where the CPU has AVX512-BF16 or AMX, so an fp32
+export says f32 explicitly). Every export folder gets a `model.json` sidecar (`deploy.sidecar`).
 """
 from __future__ import annotations
 
@@ -81,12 +82,10 @@ def export_onnx(model: EfficientDet, path: Path, image_hw: tuple[int, int], batc
     return path
 
 
-def onnx_to_openvino(onnx_path: Path, output: Path, precision: str = "fp32") -> Path:
+def onnx_to_openvino(onnx_path: Path, output: Path) -> Path:
     """`model.xml` + `model.bin` in `output` from an ONNX file, weights in float32."""
     import openvino as ov
     ov_model = ov.convert_model(str(onnx_path))
-    if precision == "bf16":  # read by the CPU plugin when compiling, unless the caller overrides it
-        ov_model.set_rt_info("bf16", ["runtime_options", "INFERENCE_PRECISION_HINT"])
     with tempfile.TemporaryDirectory(dir=output) as tmp:  # complete files only in `output`
         ov.save_model(ov_model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
         for name in ("model.xml", "model.bin"):
@@ -111,7 +110,6 @@ def export_model(model: EfficientDet, info: dict, output: Path, fmt: str, image_
         tmp.replace(output / FORMATS[fmt])
     else:
         with tempfile.TemporaryDirectory(dir=output) as tmp:
-            onnx_to_openvino(export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms), output,
-                             precision)
+            onnx_to_openvino(export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms), output)
     sidecar = make_sidecar(model.config, info, fmt, FORMATS[fmt], image_hw, batch_size, precision, with_nms, OPSET)
     return write_sidecar(sidecar, output)

@@ -3,7 +3,9 @@
 Keys (all values from the model's `EfficientDetConfig` and its weight file, nothing restated by hand):
 
 * `format` ("efficientdet-export/1"), `model` (variant), `runtime` ("onnx" / "openvino"), `file` (the model
-  file, relative to the sidecar), `precision` (the inference precision hint), `with_nms`, `opset`, `exporter`.
+  file, relative to the sidecar), `precision`, `runtime_config` (properties to compile it with: OpenVINO's
+  `INFERENCE_PRECISION_HINT`, since its CPU default is bf16 on CPUs with AVX512-BF16 / AMX), `with_nms`,
+  `opset`, `exporter`.
 * `input`: name, layout "NCHW", dtype, height, width, batch (an int, or "dynamic").
 * `preprocessing`: RGB 0..255 -> `(x - mean_rgb) / stddev_rgb` per channel -> aspect-preserving bilinear
   resize (half-pixel centres) by `min(height / H0, width / W0)` to the top-left -> zero padding (after
@@ -23,7 +25,7 @@ from model.config import EfficientDetConfig
 
 FORMAT = "efficientdet-export/1"
 SIDECAR = "model.json"
-KEYS = ("format", "model", "runtime", "file", "precision", "with_nms", "opset", "exporter", "input",
+KEYS = ("format", "model", "runtime", "file", "precision", "runtime_config", "with_nms", "opset", "exporter", "input",
         "preprocessing", "classes", "anchors", "outputs")
 
 
@@ -64,6 +66,8 @@ def make_sidecar(config: EfficientDetConfig, info: dict, runtime: str, file: str
     ids = info.get("class_to_category") or [None] * config.num_classes
     return {
         "format": FORMAT, "model": config.name, "runtime": runtime, "file": file, "precision": precision,
+        "runtime_config": ({"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+                           if runtime == "openvino" else {}),
         "with_nms": with_nms, "opset": opset, "exporter": f"torch {torch.__version__} torch.onnx.export (dynamo)",
         "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "height": int(image_hw[0]),
                   "width": int(image_hw[1]), "batch": batch},

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torchvision.ops import box_iou
 
 import main
@@ -191,6 +192,29 @@ def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
     assert [o["shape"] for o in sidecar["outputs"]] == [[2, *t.shape[1:]] for t in expected[0] + expected[1]]
     delta = _max_delta(OpenVinoNetwork(out, sidecar)(images), expected)  # 3 images: chunks of 2, last padded
     assert record_delta("OpenVINO IR fp32 vs plain, D1 256 random", delta, 0.0, TOL) <= TOL
+    # -mode infer runs that folder (--exported) through our pre- and post-processing, as the torch backend does
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    found = {}
+    for backend in ("torch", "openvino"):
+        flags = ["--backend", backend] + (["--exported", str(out)] if backend != "torch" else [])
+        assert main.main(["-mode", "infer", "--weights", str(weights), "--image-size", "256", "--threshold", "0",
+                          "--images", str(tmp_path / "a.png"), "--output", str(tmp_path / backend), *flags]) == 0
+        found[backend] = json.loads((tmp_path / backend / "detections.json").read_text())
+    assert len(found["openvino"]) == len(found["torch"]) > 0
+    best = [max(found[b], key=lambda d: d["score"]) for b in ("torch", "openvino")]
+    assert best[0]["class_name"] == best[1]["class_name"] and abs(best[0]["score"] - best[1]["score"]) <= 1e-4
+    assert np.abs(np.subtract(best[0]["bbox"], best[1]["bbox"])).max() <= 0.05
+
+
+def test_mbconv_block_traces(tmp_path):
+    """torch.jit.trace records with autograd on and checks its trace with autograd off: the block must run
+    one op sequence in both (it used to fail: "Graphs differed across invocations")."""
+    torch.manual_seed(0)
+    block = _randomise_(build_model("efficientdet-d0")).backbone.blocks[1]
+    x = torch.randn(1, 16, 64, 48)
+    traced = torch.jit.trace(block, x)  # check_trace=True by default
+    with torch.no_grad():
+        assert torch.allclose(traced(x), block(x), atol=1e-5)
 
 
 def test_eval_through_onnxruntime_gives_torch_numbers(tiny, tmp_path, monkeypatch, capsys):
