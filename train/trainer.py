@@ -8,6 +8,11 @@ evaluation). All files but the log are written atomically, by rank 0 only.
 Unreadable training images are skipped (the next readable one takes their place), reported as they happen
 and counted per epoch; the run stops, after saving `last.pth`, as soon as their count passes
 `--max-bad-images`.
+
+With validation `curves.png` (`train.curves`) is redrawn after each evaluation, else at the end of the run;
+`--keep N` keeps the N best evaluated checkpoints (`train.keep_best`), `--tensorboard` writes the logged
+values as TensorBoard scalars too (`train.tensorboard_log`), `--freeze` fine-tunes the heads (and BiFPN)
+only (`train.freeze`).
 """
 from __future__ import annotations
 
@@ -37,7 +42,7 @@ from train.assign import TargetAssigner
 from train.curves import draw_curves
 from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
 from train.ema import ModelEMA, unwrap_model
-from train.freeze import freeze_
+from train.freeze import check_freeze_start, freeze_
 from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
@@ -61,6 +66,7 @@ class Trainer:
         self.args = args
         if args.tensorboard:
             summary_writer_class()  # a missing tensorboard package is said before any work
+        check_freeze_start(args)
         self.output = check_writable_dir(args.output or f"runs/{args.model or DEFAULT_MODEL}")
         self.dist, self.device = init_distributed(resolve_device(args.device))
         self.validate = hasattr(args, "eval_every")
