@@ -19,7 +19,9 @@ from data.shapes import make_shapes_dataset  # noqa: E402
 from train.distributed import all_mean  # noqa: E402
 from train.ema import unwrap_model  # noqa: E402
 from train.keep_best import keep_best, kept_checkpoints  # noqa: E402
+from model import build_model  # noqa: E402
 from train.trainer import LOSS_TERMS, Trainer  # noqa: E402
+from utils.weights import save_weights  # noqa: E402
 
 HALF_BATCH = 2  # per process in the 2-process run; the single process takes 2 x HALF_BATCH
 
@@ -27,6 +29,16 @@ HALF_BATCH = 2  # per process in the 2-process run; the single process takes 2 x
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     return make_shapes_dataset(tmp_path_factory.mktemp("data") / "shapes", num_train=8, num_val=4, workers=1)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Weights of a 5-class D0 to start from (frozen parts must not keep a random initialisation)."""
+    path = tmp_path_factory.mktemp("weights") / "d0.pth"
+    torch.manual_seed(3)
+    save_weights(path, build_model("efficientdet-d0", num_classes=5).state_dict(), model_name="efficientdet-d0",
+                 num_classes=5)
+    return path
 
 
 def _args(shapes, output, *extra, mode="train", batch_size=2):
@@ -45,8 +57,9 @@ def _bn_modes(module):
 
 @pytest.mark.parametrize("freeze, frozen, trained", [("backbone", ("backbone",), ("fpn", "class_net", "box_net")),
                                                      ("backbone+fpn", ("backbone", "fpn"), ("class_net", "box_net"))])
-def test_freeze_trains_only_the_rest_and_keeps_frozen_bn_statistics(shapes, tmp_path, freeze, frozen, trained):
-    trainer = Trainer(_args(shapes, tmp_path / "ft", "--freeze", freeze))
+def test_freeze_trains_only_the_rest_and_keeps_frozen_bn_statistics(shapes, weights, tmp_path, freeze, frozen,
+                                                                    trained):
+    trainer = Trainer(_args(shapes, tmp_path / "ft", "--freeze", freeze, "--weights", str(weights)))
     model = trainer.model
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     for name in frozen:
@@ -73,11 +86,20 @@ def test_freeze_trains_only_the_rest_and_keeps_frozen_bn_statistics(shapes, tmp_
         assert any(k.endswith("weight") for k in changed), name
 
 
-def test_resume_refuses_another_freeze(shapes, tmp_path):
+def test_freeze_needs_trained_weights_to_start_from(shapes, tmp_path):
+    with pytest.raises(ValueError, match=r"^--freeze backbone\+fpn: the frozen part would keep its random "
+                                         r"initialisation; start from trained weights \(--pretrained, --weights\)$"):
+        Trainer(_args(shapes, tmp_path / "run", "--freeze", "backbone+fpn", "--backbone-weights", "b.pth"))
+    assert not (tmp_path / "run").exists()  # said before any work
+    with pytest.raises(ValueError, match=r"or --backbone-weights\)$"):
+        Trainer(_args(shapes, tmp_path / "run", "--freeze", "backbone"))
+
+
+def test_resume_refuses_another_freeze(shapes, weights, tmp_path):
     Trainer(_args(shapes, tmp_path / "plain")).save_last()  # a run folder at step 0
     with pytest.raises(ValueError, match=r"started with other flags: --freeze None -> backbone"):
         Trainer(_args(shapes, tmp_path / "plain", "--resume", "--freeze", "backbone"))
-    Trainer(_args(shapes, tmp_path / "frozen", "--freeze", "backbone")).save_last()
+    Trainer(_args(shapes, tmp_path / "frozen", "--freeze", "backbone", "--weights", str(weights))).save_last()
     with pytest.raises(ValueError, match=r"--freeze backbone -> backbone\+fpn"):
         Trainer(_args(shapes, tmp_path / "frozen", "--resume", "--freeze", "backbone+fpn"))
     with pytest.raises(ValueError, match=r"--freeze backbone -> None"):

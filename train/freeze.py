@@ -17,6 +17,19 @@ from torch import nn
 FREEZE_PARTS = {"backbone": ("backbone",), "backbone+fpn": ("backbone", "fpn")}
 
 
+def check_freeze_start(args) -> None:
+    """Refuse `--freeze` of a part that would keep its random initialisation (a new run that loads no trained
+    weights for it); a one-line ValueError, before any work."""
+    what = args.freeze
+    if what is None or args.resume or args.pretrained or args.weights:
+        return
+    if what == "backbone" and args.backbone_weights:
+        return
+    sources = "--pretrained, --weights" + (" or --backbone-weights" if what == "backbone" else "")
+    raise ValueError(f"--freeze {what}: the frozen part would keep its random initialisation; start from trained "
+                     f"weights ({sources})")
+
+
 def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
     return nn.Module.train(module, False)
 
