@@ -73,7 +73,7 @@ def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
                             help="NMS of the per-epoch evaluation (soft: the official evaluation path)")
         parser.add_argument("--val-max-images", type=number(int, 1), default=None,
                             help="evaluate on the first K val images")
-        parser.add_argument("--keep", type=number(int, 0), default=0,
+        parser.add_argument("--keep", type=number(int, 0), default=0, metavar="N",
                             help="also keep the N best checkpoints by val AP, best-epoch{E}-ap{AP}.pth")
 
 
