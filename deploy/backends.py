@@ -61,7 +61,8 @@ class OnnxRuntimeNetwork(ExportedNetwork):
     def __init__(self, folder: Path, sidecar: dict, precision: str = "fp32", threads: int | None = None):
         super().__init__(folder, sidecar)
         if sidecar["runtime"] != "onnx":
-            raise ValueError(f"{folder}: holds a {sidecar['runtime']} model; --backend onnxruntime needs an ONNX export")
+            raise ValueError(f"{folder}: holds a {sidecar['runtime']} model; --backend onnxruntime needs an "
+                             f"ONNX export")
         if precision != "fp32":
             raise ValueError(f"--precision {precision} with --backend onnxruntime: ONNX Runtime has no bf16 CPU "
                              f"kernels for this network; use --backend openvino for bf16, or fp32")
@@ -130,7 +131,8 @@ def open_backend(backend: str, model: EfficientDet, info: dict, image_hw: tuple[
     fmt = BACKEND_FORMAT[backend]
     if exported is None:
         require(("onnxruntime",) if backend == "onnxruntime" else ("openvino",), f"--backend {backend}")
-        folder = Path(cache) / f"{info['model_name']}-{image_hw[0]}x{image_hw[1]}-{fmt}-{cache_key(info, image_hw, fmt)}"
+        key = cache_key(info, image_hw, fmt)
+        folder = Path(cache) / f"{info['model_name']}-{image_hw[0]}x{image_hw[1]}-{fmt}-{key}"
         if not (folder / "model.json").is_file():
             print(f"exporting {info['model_name']} ({info['source']}) to {fmt} in {folder} (once; reused after)")
             export_model(model, info, folder, fmt, image_hw, batch_size=None)

@@ -34,7 +34,8 @@ def run_export(args: argparse.Namespace):
     batch = None if args.dynamic_batch else args.batch_size
     start = time.perf_counter()
     sidecar = export_model(model, info, output, args.format, image_hw, batch, args.precision, args.with_nms)
-    print(f"exported {info['model_name']} ({info['source']}) to {args.format} at height {image_hw[0]}, width {image_hw[1]}, "
+    print(f"exported {info['model_name']} ({info['source']}) to {args.format} at height {image_hw[0]}, "
+          f"width {image_hw[1]}, "
           f"batch {'dynamic' if batch is None else batch}, {args.precision}"
           f"{', with NMS' if args.with_nms else ''} in {time.perf_counter() - start:.0f} s: {output} ({sidecar.name})")
     return sidecar

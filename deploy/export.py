@@ -58,8 +58,8 @@ def check_export(config, fmt: str, image_hw: tuple[int, int], precision: str) ->
                  if side + same_padding(3, 2, side)[0] < 3]
         if small:
             level, side = small[0]
-            raise ValueError(f"--image-size: height {image_hw[0]}, width {image_hw[1]} with --format openvino: P{level} "
-                             f"is {side} px, too small for OpenVINO's 3x3 max-pool; use a larger size (e.g. "
+            raise ValueError(f"--image-size: height {image_hw[0]}, width {image_hw[1]} with --format openvino: "
+                             f"P{level} is {side} px, too small for OpenVINO's 3x3 max-pool; use a larger size (e.g. "
                              f"{2 * config.size_divisor}) or --format onnx")
 
 
