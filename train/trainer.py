@@ -402,7 +402,7 @@ class Trainer:
             return ""
         decay = self.ema.decay_at(self.ema.num_updates)
         return (f"\n  early evaluation, AP under-reports: the EMA weights lag the trained ones by ~"
-                f"{decay / (1 - decay):.0f} steps and BN running statistics (momentum {BN_MOMENTUM:g}) lag the "
+                f"{max(decay / (1 - decay), 1):.0f} steps and BN running statistics (momentum {BN_MOMENTUM:g}) lag the "
                 f"weights, both by design")
 
     def _log(self, record: dict) -> None:
