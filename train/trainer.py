@@ -126,10 +126,10 @@ class Trainer:
         self.in_a_row = 0  # non-finite losses in a row (across epochs)
         self.start_time = time.perf_counter()
         self._prepare_run_folder()
-        self.tensorboard = TensorBoardLog(self.output) if args.tensorboard and self.dist.is_main else None
         torch.manual_seed(args.seed + self.dist.rank)  # drop-connect differs per rank, init did not
         if args.resume:
             self._resume()
+        self.tensorboard = TensorBoardLog(self.output) if args.tensorboard and self.dist.is_main else None
         self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                     if self.device.type == "cuda" else None)
                             if self.dist.enabled else self.model)
