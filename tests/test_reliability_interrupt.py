@@ -141,3 +141,31 @@ def test_all_ranks_agree_on_the_stop():
     for p in processes:
         p.join(timeout=60)
     assert outcome == {0: ((0, 1), (signal.SIGTERM, 0)), 1: ((0, 1), (signal.SIGTERM, 0))}
+
+
+def test_a_stop_at_an_epoch_end_evaluates_on_resume(shapes, tmp_path, monkeypatch):
+    """The epoch-end evaluation a signal skips runs first on resume: same train and eval records as a run
+    never stopped (the evaluation's DataLoader draws from the global RNG, so its place matters)."""
+    from train.interrupt import Interrupted, StopRequests
+
+    def args(output, *extra):
+        return main.parse_args(["-mode", "trainval", "--data", str(shapes), *FLAGS, "--workers", "0",
+                                "--val-nms", "hard", "--output", str(output), *extra])
+
+    def records(output):
+        lines = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k not in ("time", "img_per_s")} for r in lines]  # not timings
+
+    Trainer(args(tmp_path / "full")).fit()
+    trainer = Trainer(args(tmp_path / "cut"))
+    real_poll = StopRequests.poll
+    # a SIGTERM during the last step of epoch 1 (steps 1-4), seen right after it
+    monkeypatch.setattr(StopRequests, "poll", lambda self, bad_images=0: (
+        signal.SIGTERM if trainer.step == 3 else 0, real_poll(self, bad_images)[1]))
+    with pytest.raises(Interrupted, match=r"^interrupted at step 4; resume with --resume$") as stopped:
+        trainer.fit()
+    assert stopped.value.exit_code == 143 and load_weights(tmp_path / "cut" / "last.pth")[1]["eval_pending"]
+    assert [r["type"] for r in records(tmp_path / "cut")] == ["train"] * 4  # the evaluation was skipped
+    monkeypatch.setattr(StopRequests, "poll", real_poll)
+    Trainer(args(tmp_path / "cut", "--resume")).fit()
+    assert records(tmp_path / "cut") == records(tmp_path / "full")
