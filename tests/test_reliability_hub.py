@@ -27,7 +27,8 @@ except FileNotFoundError as e:
     missing = str(e).splitlines()[0]
 torch.save(model.state_dict(), "loaded.pth")
 print(json.dumps({"training": model.training, "class_names": model.class_names, "entries": entries,
-                  "d1_classes": random.class_net.predict.conv_pw.bias.numel() // 9, "d1_fpn": random.config.fpn_num_filters,
+                  "d1_classes": random.class_net.predict.conv_pw.bias.numel() // 9,
+                  "d1_fpn": random.config.fpn_num_filters,
                   "missing": missing}))
 """
 

@@ -53,7 +53,8 @@ def add_train_args(parser: argparse.ArgumentParser, validate: bool) -> None:
     parser.add_argument("--nchw", action="store_true",
                         help="train in NCHW memory layout (default on CPU: channels_last, which is faster there)")
     parser.add_argument("--sync-bn", action="store_true", help="synchronised BatchNorm across processes")
-    parser.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0, help="seed of initialisation, data order and augmentation")
+    parser.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=0,
+                        help="seed of initialisation, data order and augmentation")
     parser.add_argument("--output", default=None, help="run folder for last.pth, best.pth, metrics.jsonl "
                                                        "(default runs/<model>)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last.pth")

@@ -85,7 +85,8 @@ def detector_from_weights(path: str | os.PathLike, model_name: str | None = None
     name = model_name or stored or "efficientdet-d0"
     if meta.get("backbone_only"):
         raise ValueError(f"{flag} {path}: holds backbone weights only; a detector needs full weights")
-    num_classes = meta.get("num_classes") or state["class_net.predict.conv_pw.bias"].numel() // VARIANTS[name].num_anchors
+    num_classes = (meta.get("num_classes")
+                   or state["class_net.predict.conv_pw.bias"].numel() // VARIANTS[name].num_anchors)
     model = build_model(name, num_classes=num_classes)
     try:
         model.load_state_dict(state)
