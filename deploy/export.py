@@ -27,7 +27,7 @@ from .sidecar import head_output_names, make_sidecar, write_sidecar
 OPSET = 18
 FORMATS = {"onnx": "model.onnx", "openvino": "model.xml"}
 EXPORT_PRECISIONS = {"onnx": ("fp32",), "openvino": ("fp32", "bf16")}
-# pip package -> what needs it
+# --format -> the packages its export needs
 _RUNTIME_PACKAGES = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino")}
 
 
