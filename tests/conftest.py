@@ -52,6 +52,16 @@ def input_nchw(reference) -> torch.Tensor:
     return torch.from_numpy(reference["input_tensor"]).permute(0, 3, 1, 2).contiguous()
 
 
+@pytest.fixture(scope="session")
+def ported(fixture_dir):
+    """D0 with the fixture checkpoint's EMA weights, ported by `utils.port_tf` (eval mode)."""
+    from model import build_model
+    from utils.port_tf import load_tf_state_dict
+    model = build_model("efficientdet-d0")
+    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
+    return model.eval()
+
+
 def nhwc(t: torch.Tensor) -> np.ndarray:
     """Our `[N, C, H, W]` -> the fixture's `[N, H, W, C]`."""
     return t.detach().permute(0, 2, 3, 1).numpy()

@@ -12,6 +12,7 @@ from torchvision.ops import box_iou
 
 import main
 from conftest import record_delta
+from model_helpers import max_head_delta, randomise_
 from data.coco import CocoDetection
 from data.shapes import make_shapes_dataset
 from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork, open_backend
@@ -20,36 +21,11 @@ from deploy.sidecar import make_sidecar, read_sidecar
 from model import AnchorGenerator, build_model
 from model.postprocess import postprocess
 from utils.cpu import unsupported_precision
-from utils.port_tf import load_tf_state_dict
 from utils.weights import detector_from_weights, save_weights
 
 TOL = 2e-4  # exported fp32 outputs vs our plain fp32 model
 FIXTURE_INFO = {"model_name": "efficientdet-d0", "num_classes": 90, "class_names": None,
                 "class_to_category": None, "source": "tf_reference_d0"}
-
-
-def _max_delta(outputs, expected) -> float:
-    pairs = list(zip(outputs[0] + outputs[1], expected[0] + expected[1]))
-    assert len(pairs) == 10 and all(a.shape == b.shape for a, b in pairs)
-    return max(float((a.float() - b).abs().max()) for a, b in pairs)
-
-
-def _randomise_(model, seed=0):
-    """Non-trivial BN statistics and biases (a fresh model has identity BNs and zero biases)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and t.dim() == 1:
-                r = torch.rand(t.shape, generator=g)
-                t.copy_(0.5 + 1.5 * r if name.endswith(("running_var", "weight")) else 0.4 * (r - 0.5))
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def ported(fixture_dir):
-    model = build_model("efficientdet-d0")
-    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
-    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -79,13 +55,13 @@ def d0(ported, tmp_path_factory):
 def test_onnxruntime_fp32_equals_plain(d0, photos, plain):
     """Batch 1 export, batch 2 input: run image by image, each as the plain model computes it."""
     folder, sidecar, _ = d0
-    delta = _max_delta(OnnxRuntimeNetwork(folder / "onnx", sidecar)(photos), plain)
+    delta = max_head_delta(OnnxRuntimeNetwork(folder / "onnx", sidecar)(photos), plain)
     assert record_delta("ONNX Runtime fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
 
 
 def test_openvino_fp32_equals_plain(d0, photos, plain):
     folder, _, ov_sidecar = d0
-    delta = _max_delta(OpenVinoNetwork(folder / "openvino", ov_sidecar)(photos), plain)
+    delta = max_head_delta(OpenVinoNetwork(folder / "openvino", ov_sidecar)(photos), plain)
     assert record_delta("OpenVINO fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
 
 
@@ -154,7 +130,7 @@ def tiny(tmp_path_factory):
     root = make_shapes_dataset(folder / "shapes", num_train=2, num_val=6, workers=1)
     val = CocoDetection.from_root(root, "val", image_size=128)
     torch.manual_seed(0)
-    model = _randomise_(build_model("efficientdet-d0", num_classes=val.num_classes))
+    model = randomise_(build_model("efficientdet-d0", num_classes=val.num_classes))
     weights = folder / "w.pth"
     save_weights(weights, model.state_dict(), model_name="efficientdet-d0", num_classes=val.num_classes,
                  class_names=val.class_names, class_to_category=val.class_to_category, image_size=128)
@@ -166,7 +142,7 @@ def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
     one made from the config and weights, with the config's preprocessing constants and anchors; OpenVINO
     outputs equal the plain model's."""
     torch.manual_seed(0)
-    model = _randomise_(build_model("efficientdet-d1", num_classes=3))
+    model = randomise_(build_model("efficientdet-d1", num_classes=3))
     weights = tmp_path / "d1.pth"
     save_weights(weights, model.state_dict(), model_name="efficientdet-d1", num_classes=3,
                  class_names=["ring", "star", "box"], class_to_category=[1, 5, 9])
@@ -190,7 +166,7 @@ def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
     with torch.no_grad():
         expected = model(images)
     assert [o["shape"] for o in sidecar["outputs"]] == [[2, *t.shape[1:]] for t in expected[0] + expected[1]]
-    delta = _max_delta(OpenVinoNetwork(out, sidecar)(images), expected)  # 3 images: chunks of 2, last padded
+    delta = max_head_delta(OpenVinoNetwork(out, sidecar)(images), expected)  # 3 images: chunks of 2, last padded
     assert record_delta("OpenVINO IR fp32 vs plain, D1 256 random", delta, 0.0, TOL) <= TOL
     # -mode infer runs that folder (--exported) through our pre- and post-processing, as the torch backend does
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "a.png")
@@ -210,7 +186,7 @@ def test_mbconv_block_traces(tmp_path):
     """torch.jit.trace records with autograd on and checks its trace with autograd off: the block must run
     one op sequence in both (it used to fail: "Graphs differed across invocations")."""
     torch.manual_seed(0)
-    block = _randomise_(build_model("efficientdet-d0")).backbone.blocks[1]
+    block = randomise_(build_model("efficientdet-d0")).backbone.blocks[1]
     x = torch.randn(1, 16, 64, 48)
     traced = torch.jit.trace(block, x)  # check_trace=True by default
     with torch.no_grad():

@@ -10,40 +10,19 @@ import pytest
 import torch
 
 from conftest import record_delta
+from model_helpers import max_head_delta, photo_like, randomise_, realistic_
 from model import build_model
 from model import fuse, inference
 from model.inference import FusedEfficientDet, prepare_for_inference
 from utils.cpu import unsupported_precision
-from utils.port_tf import load_tf_state_dict
 
 TOL = 1e-4  # issue 5: fused / channels_last / compiled outputs equal the plain model's within 1e-4
-
-
-def _randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and t.dim() == 1:
-                r = torch.rand(t.shape, generator=g)
-                if name.endswith("running_var"):
-                    t.copy_(0.5 + 1.5 * r)
-                elif name.endswith("weight") or name.endswith("edge_weights"):
-                    t.copy_(0.5 + r)
-                else:
-                    t.copy_(0.4 * (r - 0.5))
-    return model.eval()
-
-
-def _max_delta(outputs, expected) -> float:
-    pairs = list(zip(outputs[0] + outputs[1], expected[0] + expected[1]))
-    assert all(a.shape == b.shape for a, b in pairs)
-    return max(float((a.float() - b).abs().max()) for a, b in pairs)
 
 
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return _randomise_(build_model("efficientdet-d0"))
+    return randomise_(build_model("efficientdet-d0"))
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +39,7 @@ def expected(model, images):
 def test_fused_fp32_equals_plain(model, images, expected):
     fused = prepare_for_inference(model)
     assert isinstance(fused, FusedEfficientDet)
-    assert _max_delta(fused(images), expected) <= TOL
+    assert max_head_delta(fused(images), expected) <= TOL
 
 
 @pytest.mark.parametrize("name", ["efficientdet-d1", "efficientdet-d3"])
@@ -68,11 +47,11 @@ def test_fused_larger_variants_equal_plain(name):
     """B1+ backbones start with two blocks without expansion conv (no deferred bias between them), D3's
     BiFPN has more cells and its heads more repeats."""
     torch.manual_seed(0)
-    plain = _randomise_(build_model(name))
+    plain = randomise_(build_model(name))
     images = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = plain(images)
-    assert _max_delta(prepare_for_inference(plain)(images), expected) <= TOL
+    assert max_head_delta(prepare_for_inference(plain)(images), expected) <= TOL
 
 
 def test_fused_generic_path_equals_plain(model, images, expected, monkeypatch):
@@ -80,13 +59,13 @@ def test_fused_generic_path_equals_plain(model, images, expected, monkeypatch):
     fused = prepare_for_inference(model)
     monkeypatch.setattr(fuse, "_onednn", lambda x: False)
     monkeypatch.setattr(fuse, "GEMM_MAX_PIXELS", 0)
-    assert _max_delta(fused(images), expected) <= TOL
-    assert _max_delta(fused(images.contiguous(memory_format=torch.channels_last)), expected) <= TOL
+    assert max_head_delta(fused(images), expected) <= TOL
+    assert max_head_delta(fused(images.contiguous(memory_format=torch.channels_last)), expected) <= TOL
 
 
 def test_unfused_channels_last_equals_plain(model, images, expected):
     module = prepare_for_inference(model, fuse=False, channels_last=True)
-    assert _max_delta(module(images), expected) <= TOL
+    assert max_head_delta(module(images), expected) <= TOL
 
 
 @pytest.mark.parametrize("fuse", [True, False])
@@ -104,11 +83,11 @@ def test_bf16_runs_and_is_close(model, images, expected, fuse):
                          ids=["sum-fusion (D6+)", "P8 (D7x)"])
 def test_fused_other_variants(overrides):
     torch.manual_seed(0)
-    model = _randomise_(build_model("efficientdet-d0", **overrides))
+    model = randomise_(build_model("efficientdet-d0", **overrides))
     images = torch.randn(1, 3, 256, 256)
     with torch.no_grad():
         expected = model(images)
-    assert _max_delta(prepare_for_inference(model)(images), expected) <= TOL
+    assert max_head_delta(prepare_for_inference(model)(images), expected) <= TOL
 
 
 def test_original_model_is_untouched_and_trainable(model, images):
@@ -120,13 +99,6 @@ def test_original_model_is_untouched_and_trainable(model, images):
     assert all(p.requires_grad and p.dtype == torch.float32 for p in model.parameters())
 
 
-@pytest.fixture(scope="module")
-def ported(fixture_dir):
-    model = build_model("efficientdet-d0")
-    model.load_state_dict(load_tf_state_dict(fixture_dir, "efficientdet-d0"))
-    return model.eval()
-
-
 def test_fused_from_ported_tf_weights(ported, input_nchw):
     """Real BN statistics on a letterboxed photo: where a sloppy reduction shows (see `realistic_`)."""
     with torch.no_grad():
@@ -135,44 +107,6 @@ def test_fused_from_ported_tf_weights(ported, input_nchw):
     for name, out, ref in (("cls", outputs[0], expected[0]), ("box", outputs[1], expected[1])):
         for level, (a, b) in enumerate(zip(out, ref), start=3):
             assert record_delta(f"fused vs plain {name} P{level}", a, b.numpy(), TOL) <= TOL
-
-
-def photo_like(n: int, height: int, width: int, seed: int) -> torch.Tensor:
-    """Normalised images with a photo's spatial correlation, letterboxed: the bottom third is the constant
-    padding every non-square photo gets (`data/transforms.py`)."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.nn.functional.interpolate(torch.randn(n, 3, height // 16 + 1, width // 16 + 1, generator=g),
-                                        size=(height, width), mode="bicubic", align_corners=False)
-    x = x + 0.3 * torch.randn(n, 3, height, width, generator=g)
-    x[:, :, 2 * height // 3:] = 0.0
-    return x
-
-
-def realistic_(model: torch.nn.Module, seed: int = 0, size: int = 256) -> torch.nn.Module:
-    """Weights as a trained network has them: BN gammas 0.5-2.5 and betas / biases -1..2 (so activations
-    carry the large positive means of swish features), then BN running statistics measured on photo-like
-    images (so every layer sees normalised inputs, unlike `_randomise_`'s near-trivial statistics).
-
-    On such a model the fused path's errors show as they do on real checkpoints: an SE mean accumulated
-    pixel by pixel drifts over the letterbox padding by ~1e-3 (see `test_realistic_check_catches_sloppy_mean`).
-    """
-    g = torch.Generator().manual_seed(seed)
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    with torch.no_grad():
-        for name, t in model.named_parameters():
-            if t.dim() == 1:
-                r = torch.rand(t.shape, generator=g)
-                t.copy_(0.5 + r if name.endswith("edge_weights")
-                        else 0.5 + 2.0 * r if name.endswith("weight") else 3.0 * r - 1.0)
-        for bn in bns:
-            bn.reset_running_stats()
-            bn.momentum = None  # cumulative average of the batch statistics
-        model.train()
-        for i in range(2):
-            model(photo_like(2, size, size, seed + 1 + i))
-    for bn in bns:
-        bn.momentum = 0.01
-    return model.eval()
 
 
 @pytest.fixture(scope="module", params=[("efficientdet-d1", 640), ("efficientdet-d3", 512)], ids=["d1@640", "d3@512"])
@@ -188,7 +122,7 @@ def realistic(request):
 
 def test_fused_equals_plain_with_realistic_statistics(realistic):
     name, model, images, expected = realistic
-    delta = _max_delta(prepare_for_inference(model)(images), expected)
+    delta = max_head_delta(prepare_for_inference(model)(images), expected)
     assert record_delta(f"fused vs plain, {name} realistic BN", delta, 0.0, TOL) <= TOL
 
 
@@ -198,7 +132,7 @@ def test_realistic_check_catches_sloppy_mean(realistic, monkeypatch):
     name, model, images, expected = realistic
     monkeypatch.setattr(inference, "spatial_mean", lambda flat: torch.bmm(
         flat.new_full((flat.shape[0], 1, flat.shape[1]), 1.0 / flat.shape[1]), flat).flatten(1))
-    assert _max_delta(prepare_for_inference(model)(images), expected) > 3 * TOL
+    assert max_head_delta(prepare_for_inference(model)(images), expected) > 3 * TOL
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +205,7 @@ def test_compile_failure_falls_back_to_eager(model, images, expected, monkeypatc
     module = prepare_for_inference(model, compile=True)
     with pytest.warns(UserWarning, match="torch.compile failed"):
         outputs = module(images)
-    assert _max_delta(outputs, expected) <= TOL
+    assert max_head_delta(outputs, expected) <= TOL
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, then eager without retrying
         module(images)
@@ -280,7 +214,7 @@ def test_compile_failure_falls_back_to_eager(model, images, expected, monkeypatc
 @pytest.mark.skipif(not os.environ.get("TEST_TORCH_COMPILE"),
                     reason="torch.compile of the detector takes minutes on a 2-core CPU; set TEST_TORCH_COMPILE=1")
 def test_compiled_equals_plain(model, images, expected):
-    assert _max_delta(prepare_for_inference(model, compile=True)(images), expected) <= TOL
+    assert max_head_delta(prepare_for_inference(model, compile=True)(images), expected) <= TOL
 
 
 # --- training-time levers in the model itself (same values and gradients as the plain composition) ---
@@ -368,7 +302,7 @@ def test_training_gradients_channels_last_equal_nchw():
     of everything upstream by ~1 % (a real discontinuity of max-pooling, not a layout error)."""
     import copy
     torch.manual_seed(0)
-    model = _randomise_(build_model("efficientdet-d0")).train().double()
+    model = randomise_(build_model("efficientdet-d0")).train().double()
     images = torch.randn(2, 3, 128, 128, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grads = []
     for m, x in ((model, images), (copy.deepcopy(model).to(memory_format=torch.channels_last),
@@ -386,7 +320,7 @@ def test_grad_checkpointing_same_gradients_and_statistics():
     """D1 has drop-connect: the recomputed forward must draw the same masks and update BN stats once."""
     import copy
     torch.manual_seed(0)
-    plain = _randomise_(build_model("efficientdet-d1")).train()
+    plain = randomise_(build_model("efficientdet-d1")).train()
     ckpt = copy.deepcopy(plain).set_grad_checkpointing(True)
     images = torch.randn(2, 3, 128, 128)
     results = []
@@ -408,21 +342,21 @@ def test_fused_lite_equals_plain(name):
     """Lite: relu6 fused into the convs (oneDNN hardtanh [0, 6]), no SE (plain projection GEMM), sum fusion;
     lite3's backbone keeps an unscaled stem before a widened first stage."""
     torch.manual_seed(0)
-    plain = _randomise_(build_model(name))
+    plain = randomise_(build_model(name))
     images = 3 * torch.randn(1, 3, 128, 256, generator=torch.Generator().manual_seed(1))  # some relu6 clip
     with torch.no_grad():
         expected = plain(images)
     fused = prepare_for_inference(plain)
     assert isinstance(fused, FusedEfficientDet)
-    assert _max_delta(fused(images), expected) <= TOL
+    assert max_head_delta(fused(images), expected) <= TOL
 
 
 def test_size_the_fused_copy_cannot_run_falls_back_with_a_warning():
     torch.manual_seed(0)
-    plain = _randomise_(build_model("efficientdet-lite0"))
+    plain = randomise_(build_model("efficientdet-lite0"))
     images = torch.randn(1, 3, 320, 320)  # lite0's official size: P7 3x3, not an exact 2x pyramid
     with pytest.warns(UserWarning, match="input 320x320 \\(HxW\\) is not a multiple of 128.*unfused"):
         module = prepare_for_inference(plain, image_size=(320, 320))
     assert not isinstance(module, FusedEfficientDet)
     with torch.no_grad():
-        assert _max_delta(module(images), plain(images)) <= TOL
+        assert max_head_delta(module(images), plain(images)) <= TOL

@@ -47,18 +47,15 @@ from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
 from train.optim import CosineLrSchedule, build_optimizer
+from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
-from utils.atomic import append_line, atomic_open, check_writable_dir
+from utils.atomic import append_line, check_writable_dir
 from utils.cli import DEFAULT_MODEL, REPO, check_download_flag, dataset_paths, resolve_device
 from utils.pretrained import resolve_pretrained
 from utils.weights import atomic_torch_save, load_pth, load_weights
 
 MAX_NON_FINITE_IN_A_ROW = 5
 LOSS_TERMS = ("loss", "cls_loss", "box_loss")
-# Flags that define a run: --resume must be given the same ones.
-RUN_FLAGS = ("model", "image_size", "batch_size", "epochs", "lr", "warmup_epochs", "weight_decay", "clip_norm",
-             "ema_decay", "label_smoothing", "jitter", "autoaugment", "assigner", "amp", "seed",
-             "freeze")
 
 
 class Trainer:
@@ -188,8 +185,7 @@ class Trainer:
         rng = {"torch": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        config = {k: _plain(v) for k, v in vars(self.args).items()}
-        atomic_torch_save({**self._meta(), "config": config, "state_dict": unwrap_model(self.model).state_dict(),
+        atomic_torch_save({**self._meta(), "config": run_config(self.args), "state_dict": unwrap_model(self.model).state_dict(),
                            "ema_state_dict": self.ema.module.state_dict(), "ema_updates": self.ema.num_updates,
                            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                            "scaler": self.scaler.state_dict(), "step": self.step, "epoch": self.epoch,
@@ -199,8 +195,7 @@ class Trainer:
 
     def _resume(self) -> None:
         ckpt = load_pth(self.output / "last.pth", map_location=self.device)
-        changed = [f"--{k.replace('_', '-')} {ckpt['config'].get(k)} -> {getattr(self.args, k)}" for k in RUN_FLAGS
-                   if _plain(ckpt["config"].get(k)) != _plain(getattr(self.args, k))]
+        changed = changed_run_flags(ckpt["config"], self.args)
         if changed:
             raise ValueError(f"--resume {self.output}: the run was started with other flags: {'; '.join(changed)}")
         unwrap_model(self.model).load_state_dict(ckpt["state_dict"])
@@ -216,7 +211,7 @@ class Trainer:
         if "cuda" in ckpt["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
         if self.dist.is_main:  # forget what was logged after the checkpoint: those steps are redone
-            _truncate_metrics(self.output / "metrics.jsonl", self.step)
+            truncate_metrics(self.output / "metrics.jsonl", self.step)
         self._say(f"resumed {self.output} at step {self.step} (epoch {self.epoch + 1})")
 
     # ---------------------------------------------------------------- training
@@ -414,21 +409,6 @@ class Trainer:
                         json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}))
 
 
-def _plain(value):
-    """A flag's value as plain data (a checkpoint holds nothing else): tuples as lists, objects as text."""
-    if isinstance(value, tuple):
-        return list(value)
-    return value if value is None or isinstance(value, (bool, int, float, str, list)) else str(value)
-
-
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.exists():
-        return
-    lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    with atomic_open(path, "w") as f:
-        f.write("".join(line + "\n" for line in lines))

@@ -1,0 +1,65 @@
+"""Model helpers shared by the test files: non-trivial weights and inputs for comparing two ways of
+computing the same network."""
+import torch
+
+
+def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Random BN statistics, gammas, betas, biases and fusion weights (a fresh model has identity BNs and zero
+    biases, which would let a wrong fold or a lost bias pass unnoticed); returns the model in eval mode."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if t.is_floating_point() and t.dim() == 1:
+                r = torch.rand(t.shape, generator=g)
+                if name.endswith("running_var"):
+                    t.copy_(0.5 + 1.5 * r)
+                elif name.endswith("weight") or name.endswith("edge_weights"):
+                    t.copy_(0.5 + r)
+                else:
+                    t.copy_(0.4 * (r - 0.5))
+    return model.eval()
+
+
+def max_head_delta(outputs, expected) -> float:
+    """Max |a - b| over all head outputs of two `(cls_outs, box_outs)` pairs of the same shapes."""
+    pairs = list(zip(outputs[0] + outputs[1], expected[0] + expected[1]))
+    assert all(a.shape == b.shape for a, b in pairs)
+    return max(float((a.float() - b).abs().max()) for a, b in pairs)
+
+
+def photo_like(n: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """Normalised images with a photo's spatial correlation, letterboxed: the bottom third is the constant
+    padding every non-square photo gets (`data/transforms.py`)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.nn.functional.interpolate(torch.randn(n, 3, height // 16 + 1, width // 16 + 1, generator=g),
+                                        size=(height, width), mode="bicubic", align_corners=False)
+    x = x + 0.3 * torch.randn(n, 3, height, width, generator=g)
+    x[:, :, 2 * height // 3:] = 0.0
+    return x
+
+
+def realistic_(model: torch.nn.Module, seed: int = 0, size: int = 256) -> torch.nn.Module:
+    """Weights as a trained network has them: BN gammas 0.5-2.5 and betas / biases -1..2 (so activations
+    carry the large positive means of swish features), then BN running statistics measured on photo-like
+    images (so every layer sees normalised inputs, unlike `randomise_`'s near-trivial statistics).
+
+    On such a model the fused path's errors show as they do on real checkpoints: an SE mean accumulated
+    pixel by pixel drifts over the letterbox padding by ~1e-3 (see `test_realistic_check_catches_sloppy_mean`).
+    """
+    g = torch.Generator().manual_seed(seed)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if t.dim() == 1:
+                r = torch.rand(t.shape, generator=g)
+                t.copy_(0.5 + r if name.endswith("edge_weights")
+                        else 0.5 + 2.0 * r if name.endswith("weight") else 3.0 * r - 1.0)
+        for bn in bns:
+            bn.reset_running_stats()
+            bn.momentum = None  # cumulative average of the batch statistics
+        model.train()
+        for i in range(2):
+            model(photo_like(2, size, size, seed + 1 + i))
+    for bn in bns:
+        bn.momentum = 0.01
+    return model.eval()
