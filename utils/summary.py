@@ -13,15 +13,26 @@ PAPER_GFLOPS = {"efficientdet-d0": 2.5, "efficientdet-d1": 6.1, "efficientdet-d2
                 "efficientdet-d7x": 410}
 
 
+def forward_flops(model: torch.nn.Module, input_shape: tuple[int, ...]) -> int:
+    """FLOPs of one forward pass of `model` on a tensor of `input_shape` ([N, 3, H, W]) on the model's device
+    (the meta device costs no memory or time): 2 x the multiply-adds of every convolution and matrix product,
+    as `torch.utils.flop_counter` counts them at the aten level, so functional convs and folded weights count
+    too (module forward hooks on `nn.Conv2d` would miss them). Element-wise ops (BN, activations, fusion) are
+    not counted, as in the paper's FLOPs."""
+    device = next(model.parameters()).device
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.empty(input_shape, device=device))
+    return counter.get_total_flops()
+
+
 def variant_summary(name: str, num_classes: int = 90) -> dict:
     """Params and GMACs (conv/matmul multiply-adds, batch 1) of `name` at its official image size."""
     size = VARIANTS[name].image_size
     with torch.device("meta"):
         model = build_model(name, num_classes=num_classes).eval()
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, *VARIANTS[name].image_hw))
+    flops = forward_flops(model, (1, 3, *VARIANTS[name].image_hw))
     return {"model": name, "image_size": size, "params": sum(p.numel() for p in model.parameters()),
-            "gmacs": counter.get_total_flops() / 2e9, "paper_gflops": PAPER_GFLOPS.get(name)}
+            "gmacs": flops / 2e9, "paper_gflops": PAPER_GFLOPS.get(name)}
 
 
 def summary_table(names) -> str:
