@@ -11,6 +11,10 @@ drawn mask: pixels `x .. x + w - 1`, `y .. y + h - 1`.
 Generation writes into a hidden sibling folder and renames it to `root` when complete, so an interrupted run
 never leaves a folder that looks complete; `root/shapes_dataset.json` records the parameters, and a complete
 dataset with the same parameters is reused. CLI: `python -m data.shapes --root data/shapes`.
+
+Variants (other datasets a user may bring, same generator): `num_classes` keeps the first K shape kinds and
+`empty_fraction` makes that share of the images background only, e.g. the small dataset of
+`benchmarks/train_small_dataset.py` (400 train images, 4 classes, 10 % without objects).
 """
 from __future__ import annotations
 
@@ -82,9 +86,10 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarr
     return np.where(under < 128, 230.0, 25.0)
 
 
-def render_image(rng: np.random.Generator, height: int, width: int
-                 ) -> tuple[np.ndarray, list[dict], np.ndarray]:
-    """One image: `(uint8 [H, W, 3], objects, owner [H, W] int16)`.
+def render_image(rng: np.random.Generator, height: int, width: int, num_classes: int = len(SHAPE_NAMES),
+                 empty: bool = False) -> tuple[np.ndarray, list[dict], np.ndarray]:
+    """One image: `(uint8 [H, W, 3], objects, owner [H, W] int16)`; shapes of the first `num_classes` kinds
+    of SHAPE_NAMES, none if `empty` (background only).
 
     objects: dicts with "category_id" (1-based), "bbox" `[x, y, w, h]` ints (tight extent of the full drawn
     shape), "area" (pixels of the full shape), "colour"; owner: index of the object visible at each pixel, -1
@@ -93,8 +98,8 @@ def render_image(rng: np.random.Generator, height: int, width: int
     image = _background(rng, height, width)
     owner = np.full((height, width), -1, dtype=np.int16)
     objects, full_area, visible = [], [], []
-    for _ in range(rng.integers(1, 9)):
-        kind = int(rng.integers(len(SHAPE_NAMES)))
+    for _ in range(0 if empty else rng.integers(1, 9)):
+        kind = int(rng.integers(num_classes))
         short = min(height, width)
         radius = rng.uniform(5, 10) if rng.random() < 0.15 else np.exp(rng.uniform(np.log(10), np.log(0.3 * short)))
         stretch = np.exp(rng.uniform(-0.2, 0.2))
@@ -136,13 +141,19 @@ def image_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, _SPLITS[split], index])
 
 
-def _write_images(folder: Path, split: str, indices: range, image_size: list[int], seed: int) -> list[tuple]:
+def _is_empty(seed: int, split: str, index: int, empty_fraction: float) -> bool:
+    """Whether image `index` is background only (its own stream: the other images do not change)."""
+    return empty_fraction > 0 and np.random.default_rng([seed, _SPLITS[split], index, 1]).random() < empty_fraction
+
+
+def _write_images(folder: Path, split: str, indices: range, params: dict) -> list[tuple]:
     """Render and save images `indices` of `split`; returns `(image record, objects)` per image, in order."""
-    records = []
+    records, (min_side, max_side), seed = [], params["image_size"], params["seed"]
     for index in indices:
         rng = image_rng(seed, split, index)
-        height, width = (int(v) for v in rng.integers(image_size[0], image_size[1] + 1, 2))
-        pixels, objects, _ = render_image(rng, height, width)
+        height, width = (int(v) for v in rng.integers(min_side, max_side + 1, 2))
+        empty = _is_empty(seed, split, index, params.get("empty_fraction", 0.0))
+        pixels, objects, _ = render_image(rng, height, width, params.get("num_classes", len(SHAPE_NAMES)), empty)
         name = f"{index + 1:06d}.jpg"  # JPEG like COCO; 4:4:4 chroma keeps colour edges sharp
         Image.fromarray(pixels).save(folder / f"{split}2017" / name, quality=95, subsampling=0)
         records.append(({"id": index + 1, "file_name": name, "height": height, "width": width},
@@ -150,22 +161,24 @@ def _write_images(folder: Path, split: str, indices: range, image_size: list[int
     return records
 
 
-def _write_split(folder: Path, split: str, count: int, image_size: list[int], seed: int, workers: int) -> int:
+def _write_split(folder: Path, split: str, params: dict, workers: int) -> int:
     """Render `count` images into `folder/{split}2017/` and write their json; returns the number of boxes.
     The output does not depend on `workers` (every image has its own generator; records keep index order)."""
     (folder / f"{split}2017").mkdir(parents=True)
+    count = params[f"num_{split}"]
     chunks = [range(start, min(start + 100, count)) for start in range(0, count, 100)]
     if workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(min(workers, len(chunks))) as pool:
-            parts = list(pool.map(_write_images, *zip(*[(folder, split, c, image_size, seed) for c in chunks])))
+            parts = list(pool.map(_write_images, *zip(*[(folder, split, c, params) for c in chunks])))
     else:
-        parts = [_write_images(folder, split, c, image_size, seed) for c in chunks]
+        parts = [_write_images(folder, split, c, params) for c in chunks]
     images, annotations = [], []
     for image, objects in (record for part in parts for record in part):
         images.append(image)
         for obj in objects:  # annotation ids start at 1 (pycocotools treats id 0 as "unmatched")
             annotations.append({"id": len(annotations) + 1, "image_id": image["id"], "iscrowd": 0, **obj})
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(SHAPE_NAMES)]
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"}
+                  for i, name in enumerate(SHAPE_NAMES[:params.get("num_classes", len(SHAPE_NAMES))])]
     data = {"info": {"description": f"synthetic shapes ({split})", "version": VERSION}, "licenses": [],
             "images": images, "annotations": annotations, "categories": categories}
     (folder / "annotations").mkdir(exist_ok=True)
@@ -173,11 +186,23 @@ def _write_split(folder: Path, split: str, count: int, image_size: list[int], se
     return len(annotations)
 
 
-def _params(num_train: int, num_val: int, image_size, seed: int) -> dict:
+def _params(num_train: int, num_val: int, image_size, seed: int, num_classes: int = len(SHAPE_NAMES),
+            empty_fraction: float = 0.0) -> dict:
+    """The marker's parameters; the two variant keys only when they differ from the default dataset (whose
+    marker, and so its cache, stays as it was)."""
     if isinstance(image_size, int):
         image_size = (image_size, image_size)
-    return {"version": VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed)}
+    if not 1 <= num_classes <= len(SHAPE_NAMES):
+        raise ValueError(f"num_classes: expected 1..{len(SHAPE_NAMES)}, got {num_classes}")
+    if not 0 <= empty_fraction < 1:
+        raise ValueError(f"empty_fraction: expected a fraction in [0, 1), got {empty_fraction}")
+    params = {"version": VERSION, "num_train": int(num_train), "num_val": int(num_val),
+              "image_size": [int(image_size[0]), int(image_size[1])], "seed": int(seed)}
+    if num_classes != len(SHAPE_NAMES):
+        params["num_classes"] = int(num_classes)
+    if empty_fraction:
+        params["empty_fraction"] = float(empty_fraction)
+    return params
 
 
 def is_complete(root, params: dict) -> bool:
@@ -203,16 +228,18 @@ def _remove_stale_partials(root: Path) -> None:
 
 
 def make_shapes_dataset(root="data/shapes", num_train: int = 2000, num_val: int = 200,
-                        image_size=(160, 320), seed: int = 0, workers: int | None = None) -> Path:
+                        image_size=(160, 320), seed: int = 0, workers: int | None = None,
+                        num_classes: int = len(SHAPE_NAMES), empty_fraction: float = 0.0) -> Path:
     """Write the dataset to `root` unless a complete one with the same parameters is there; returns `root`.
 
     image_size: `(min_side, max_side)`; each image's height and width are drawn uniformly from it.
     workers: processes rendering images (default: the CPU count); the result does not depend on it.
+    num_classes: use the first K shape kinds (categories 1..K); empty_fraction: share of images with no shape.
     A `root` holding a shapes dataset with other parameters is replaced; a non-empty `root` that is not a
     shapes dataset (no `shapes_dataset.json`) is an error, never overwritten.
     """
     root = Path(root)
-    params = _params(num_train, num_val, image_size, seed)
+    params = _params(num_train, num_val, image_size, seed, num_classes, empty_fraction)
     if is_complete(root, params):
         return root
     if root.exists() and not (root / MARKER).is_file() and any(root.iterdir()):
@@ -223,8 +250,7 @@ def make_shapes_dataset(root="data/shapes", num_train: int = 2000, num_val: int 
     partial = root.parent / f".{root.name}.partial-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         workers = (os.cpu_count() or 1) if workers is None else workers
-        counts = {s: _write_split(partial, s, params[f"num_{s}"], params["image_size"], seed, workers)
-                  for s in _SPLITS}
+        counts = {s: _write_split(partial, s, params, workers) for s in _SPLITS}
         (partial / MARKER).write_text(json.dumps({"params": params, "num_boxes": counts}, indent=1))
         if root.exists():  # ours with other parameters (or empty): move aside, then swap in
             trash = root.parent / f".{root.name}.partial-{os.getpid()}-old{uuid.uuid4().hex[:8]}"
@@ -248,14 +274,18 @@ def main(argv=None) -> None:
     parser.add_argument("--min-side", type=int, default=160)
     parser.add_argument("--max-side", type=int, default=320)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-classes", type=int, default=len(SHAPE_NAMES), help="first K shape kinds")
+    parser.add_argument("--empty-fraction", type=float, default=0.0, help="share of images without shapes")
     args = parser.parse_args(argv)
-    params = _params(args.num_train, args.num_val, (args.min_side, args.max_side), args.seed)
+    sides = (args.min_side, args.max_side)
+    params = _params(args.num_train, args.num_val, sides, args.seed, args.num_classes, args.empty_fraction)
     reused = is_complete(args.root, params)
     start = time.perf_counter()
-    root = make_shapes_dataset(args.root, args.num_train, args.num_val, (args.min_side, args.max_side), args.seed)
+    root = make_shapes_dataset(args.root, args.num_train, args.num_val, sides, args.seed,
+                               num_classes=args.num_classes, empty_fraction=args.empty_fraction)
     marker = json.loads((root / MARKER).read_text())
     print(f"{'reused' if reused else 'wrote'} {root} in {time.perf_counter() - start:.1f} s "
-          f"(classes: {', '.join(SHAPE_NAMES)})")
+          f"(classes: {', '.join(SHAPE_NAMES[:args.num_classes])})")
     for split in _SPLITS:
         print(f"  {split}: {params[f'num_{split}']} images, {marker['num_boxes'][split]} boxes -> "
               f"{root / 'annotations' / f'instances_{split}2017.json'}, {root / f'{split}2017'}/")

@@ -120,3 +120,21 @@ def test_cli_prints_what_it_wrote(tmp_path, capsys):
     assert out.startswith(f"wrote {tmp_path / 's'}") and "train: 3 images" in out and "val: 1 images" in out
     shapes.main(args)
     assert capsys.readouterr().out.startswith(f"reused {tmp_path / 's'}")
+
+
+def test_variant_classes_and_empty_images(tmp_path):
+    """num_classes keeps the first K kinds (categories 1..K); empty_fraction gives background-only images;
+    the default dataset's marker has no variant keys (so its cache is unchanged)."""
+    root = make_shapes_dataset(tmp_path / "v", num_train=20, num_val=2, image_size=(64, 96), seed=3, workers=1,
+                               num_classes=3, empty_fraction=0.4)
+    data = json.loads((root / "annotations" / "instances_train2017.json").read_text())
+    assert [c["id"] for c in data["categories"]] == [1, 2, 3]
+    assert {a["category_id"] for a in data["annotations"]} <= {1, 2, 3}
+    with_boxes = {a["image_id"] for a in data["annotations"]}
+    assert 0 < len(data["images"]) - len(with_boxes) < 20
+    params = json.loads((root / MARKER).read_text())["params"]
+    assert params["num_classes"] == 3 and params["empty_fraction"] == 0.4
+    default = json.loads((make_shapes_dataset(tmp_path / "d", **SMALL) / MARKER).read_text())["params"]
+    assert "num_classes" not in default and "empty_fraction" not in default
+    with pytest.raises(ValueError, match="num_classes"):
+        make_shapes_dataset(tmp_path / "bad", num_classes=6)
