@@ -116,10 +116,12 @@ class Side:
 
     def step(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> float:
         """One timed optimisation step, as `Trainer.train_step` (a non-finite loss skips the update only, so
-        the two schedules stay in step)."""
+        the two schedules stay in step). The first step is not timed: it sets up the kernels (oneDNN
+        primitives) for the shapes, seconds under load, a one-off cost of either side's first batch."""
         start = time.perf_counter()
         loss = self.loss_fn(images.contiguous(memory_format=torch.channels_last), gt_boxes, gt_classes)
-        if torch.isfinite(loss):
+        value = float(loss.detach())
+        if math.isfinite(value):
             loss.backward()
             self.optimizer.step()
         else:
@@ -127,10 +129,11 @@ class Side:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.ema.update(self.net)
-        self.seconds += time.perf_counter() - start
-        self.images += len(images)
-        self.losses.append(float(loss))
-        return float(loss)
+        if self.losses:
+            self.seconds += time.perf_counter() - start
+            self.images += len(images)
+        self.losses.append(value)
+        return value
 
 
 def build_sides(args, num_classes: int, schedule: CosineLrSchedule, lr: float) -> tuple[dict, TargetAssigner, dict]:
@@ -239,6 +242,11 @@ def markdown_table(rows: list[dict], nms: str) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    try:
+        import effdet  # noqa: F401
+    except ImportError:
+        raise SystemExit("effdet is not installed: `pip install -r benchmarks/requirements.txt` (effdet==0.4.1, "
+                         "the peer of this benchmark)") from None
     output = check_writable_dir(args.output)
     config = get_config(MODEL)
     normalization = {"mean_rgb": config.mean_rgb, "stddev_rgb": config.stddev_rgb}
@@ -291,7 +299,7 @@ def main(argv=None) -> None:
             step += 1
             bar.update(len(images))
             bar.set_postfix({f"{n}_loss": f"{sides[n].losses[-1]:.3f}" for n in SIDES}
-                            | {f"{n}_img_s": f"{sides[n].images / sides[n].seconds:.2f}" for n in SIDES})
+                            | {f"{n}_img_s": f"{sides[n].images / max(sides[n].seconds, 1e-9):.2f}" for n in SIDES})
             if step in eval_steps:
                 rates = {n: (sides[n].images - last_images[n]) / (sides[n].seconds - last_seconds[n]) for n in SIDES}
                 last_images = {n: sides[n].images for n in SIDES}
@@ -304,7 +312,8 @@ def main(argv=None) -> None:
                             f"{n}_eval_seconds": stats[n]["eval_seconds"], f"{n}_stats": stats[n]}
                 rows.append(row)
                 tqdm.write(f"{row['images']} images: ours AP {row['ours_AP']:.4f} AP@0.5 {row['ours_AP50']:.4f} | "
-                           f"effdet AP {row['effdet_AP']:.4f} AP@0.5 {row['effdet_AP50']:.4f}")
+                           f"effdet AP {row['effdet_AP']:.4f} AP@0.5 {row['effdet_AP50']:.4f} (evaluation: ours "
+                           f"{row['ours_eval_seconds']:.0f} s, effdet {row['effdet_eval_seconds']:.0f} s)")
                 draw_curves(rows, sides, args.batch_size, output / "curves.png")
             if step == stop_step:
                 break
