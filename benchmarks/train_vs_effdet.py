@@ -229,6 +229,11 @@ def draw_curves(rows: list[dict], sides: dict, batch_size: int, path: Path) -> N
         figure.savefig(f, format="png", dpi=100)
 
 
+def _rate(images: int, seconds: float) -> float:
+    """Images per second; NaN when no timed step was made (an evaluation right after the untimed first one)."""
+    return images / seconds if seconds > 0 else float("nan")
+
+
 def markdown_table(rows: list[dict], nms: str) -> str:
     lines = [f"ours: official per-class soft-NMS; effdet: its own {nms}-NMS (effdet 0.4.1 "
              f"generate_detections); AP on the same val images, EMA weights",
@@ -301,7 +306,7 @@ def main(argv=None) -> None:
             bar.set_postfix({f"{n}_loss": f"{sides[n].losses[-1]:.3f}" for n in SIDES}
                             | {f"{n}_img_s": f"{sides[n].images / max(sides[n].seconds, 1e-9):.2f}" for n in SIDES})
             if step in eval_steps:
-                rates = {n: (sides[n].images - last_images[n]) / (sides[n].seconds - last_seconds[n]) for n in SIDES}
+                rates = {n: _rate(sides[n].images - last_images[n], sides[n].seconds - last_seconds[n]) for n in SIDES}
                 last_images = {n: sides[n].images for n in SIDES}
                 last_seconds = {n: sides[n].seconds for n in SIDES}
                 stats = evaluate_both(sides, val_set, args)
@@ -327,7 +332,7 @@ def main(argv=None) -> None:
                 "nms": {"ours": "soft (official, per class)", "effdet": args.effdet_nms},
                 "conversion_check": check, "rows": rows, "table": table,
                 "non_finite_steps": {n: sides[n].non_finite for n in SIDES},
-                "train_img_per_s_overall": {n: sides[n].images / sides[n].seconds for n in SIDES},
+                "train_img_per_s_overall": {n: _rate(sides[n].images, sides[n].seconds) for n in SIDES},
                 "loss_per_step": {n: sides[n].losses for n in SIDES}},
                output / "results.json", indent=1)
     print(f"wrote {output}/results.json, curves.png, first_batch.png")
