@@ -9,7 +9,7 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
+sys.path.append(str(REPO / "benchmarks"))  # after the repository: nothing there shadows it
 
 effdet = pytest.importorskip("effdet", reason="effdet (benchmarks/requirements.txt) is not installed")
 
