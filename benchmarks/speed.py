@@ -6,9 +6,10 @@
     python benchmarks/speed.py --variants d0 d1 d2 d3 --modes infer --batches 1 --precisions fp32 --backends torch
 
 Every row starts one worker process per side (`benchmarks/speed_worker.py`), so that each side's peak RSS
-is its own (`ru_maxrss` of the worker: Python + torch + runtime + model + activations). Both workers build
+is its own (`VmHWM` of the worker: Python + torch + runtime + model + activations). Both workers build
 their model and warm up, then the parent asks them for one timed step at a time, alternating which side goes
-first, so that a noisy neighbour slows both sides alike; the table shows the median of `--runs` steps.
+first, so that a noisy neighbour slows both sides alike, and after a 0.1 s pause, so that no side's idle
+threads still spin (ONNX Runtime's do for a while after a run); the table shows the median of `--runs` steps.
 
 * infer: network + post-processing, under `torch.inference_mode()`. Ours, engine `torch`:
   `prepare_for_inference(model, precision)` then `model.postprocess` as `-mode infer` runs it (best class per
@@ -49,6 +50,7 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,6 +64,10 @@ WORKER = Path(__file__).resolve().parent / "speed_worker.py"
 ENGINES = ("torch", "onnxruntime", "openvino")
 GEMM_RUNS = 7
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the input and of the weights)
+# Pause before each timed step: ONNX Runtime's pool threads spin for a while after a run (~15 ms of CPU
+# within 0.1 s of returning, D0 256 px, 2 threads; none after 0.1 s; torch and OpenVINO ~0), which would
+# be taken from the other side's step.
+SETTLE_S = 0.1
 
 
 class Worker:
@@ -103,6 +109,7 @@ def run_cell(args, variant: str, mode: str, precision: str, batch: int, engine: 
     times = {w.side: [] for w in workers}
     for r in range(args.runs):
         for w in (workers if r % 2 == 0 else workers[::-1]):  # alternate who goes first
+            time.sleep(SETTLE_S)
             times[w.side].append(w.ask("step")["time"])
     result = {"times": times}
     for w in workers:
@@ -177,7 +184,8 @@ def main(argv=None) -> None:
     parser.add_argument("--size", type=number(int, 1), default=None, help="square input side (default: the variant's)")
     parser.add_argument("--runs", type=number(int, 1), default=5, help="timed steps per side (median reported)")
     parser.add_argument("--warmup", type=number(int, 0), default=2)
-    parser.add_argument("--threads", type=number(int, 1), default=2, help="torch / engine intra-op threads in every worker")
+    parser.add_argument("--threads", type=number(int, 1), default=2,
+                        help="torch / engine intra-op threads in every worker")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-peer", action="store_true", help="run this repo's side only")
     parser.add_argument("--peer-precision", choices=["fp32", "same"], default="fp32",
