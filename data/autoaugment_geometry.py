@@ -2,11 +2,8 @@
 
 Images: RGB uint8 `[H, W, 3]`. Boxes: float32 `[K, 4]` normalised (ymin, xmin, ymax, xmax) in [0, 1].
 
-Image warps reproduce `tfa.image.transform` (`ImageProjectiveTransformV3`) as the official `rotate`,
-`translate_x/y` and `shear_x/y` call it: output pixel (x, y) (integer coordinates, no half-pixel offset) reads
-input pixel `(round(a0 x + a1 y + a2), round(b0 x + b1 y + b2))` computed in float32, with `std::round` (half
-away from zero) nearest-neighbour sampling; samples outside the image become `replace` (the official
-`wrap` / `unwrap` pair: the 4th channel is 0 exactly where the sample was outside).
+Image warps are the affine maps `rotate`, `translate_x/y` and `shear_x/y` pass to `tfa.image.transform`
+(`ImageProjectiveTransformV3`, nearest), reproduced by `autoaugment_warp.affine_nearest`.
 
 Box transforms follow `_rotate_bbox`, `_shift_bbox`, `_shear_bbox`: box corners in integer pixels (truncating
 float32 casts), transformed, truncated again, min/max, back to normalised, clipped to [0, 1], and a box whose
@@ -18,58 +15,10 @@ import math
 
 import numpy as np
 
+from .autoaugment_warp import affine_nearest
+
 _F32 = np.float32
 _DEG_TO_RAD = math.pi / 180.0
-
-
-def _nearest_index(coords: np.ndarray, size: int) -> np.ndarray:
-    """float32 sampling coordinates -> int32 pixel indices by `std::round` (half away from zero), and `size`
-    (the fill sentinel) where the rounded index falls outside [0, size). The + 0.5 is done in float64, where
-    it is exact, so floor(c + 0.5) is the rounding for c > -0.5; c <= -0.5 rounds below 0 (outside)."""
-    index = np.floor(coords.astype(np.float64) + 0.5)
-    outside = (coords <= _F32(-0.5)) | (index >= size)
-    return np.where(outside, size, index).astype(np.int32)
-
-
-def _gather_pixels(image: np.ndarray, flat_index: np.ndarray, fill) -> np.ndarray:
-    """`image` `[H, W, C]` uint8 read at `flat_index` (`y * W + x`, any shape; `H * W` reads `fill`): whole
-    pixels are gathered as one C-byte item each."""
-    height, width, channels = image.shape
-    pixels = np.empty(height * width + 1, dtype=f"V{channels}")
-    pixels[:-1] = image.reshape(-1, channels).view(pixels.dtype).reshape(-1)
-    pixels[-1:] = np.broadcast_to(fill, (1, channels)).astype(np.uint8).view(pixels.dtype).reshape(-1)
-    return np.take(pixels, flat_index).view(np.uint8).reshape(*flat_index.shape, channels)
-
-
-def affine_nearest(image: np.ndarray, transform, replace) -> np.ndarray:
-    """`[H, W, C]` uint8 warped by the 6 affine entries `(a0, a1, a2, b0, b1, b2)` of a TF projective transform
-    (output -> input map, see module docstring); pixels sampled outside the input become `replace`."""
-    height, width, channels = image.shape
-    a0, a1, a2, b0, b1, b2 = (_F32(v) for v in transform)
-    xs = np.arange(width, dtype=_F32)[None, :]
-    ys = np.arange(height, dtype=_F32)[:, None]
-    fill = np.asarray(replace, dtype=np.uint8)
-    if a1 == 0 and b0 == 0:  # separable (translations): x reads depend on x only, y reads on y only
-        # the kernel's `a0 * x + 0 * y + a2` equals `a0 * x + a2` exactly
-        cols = _nearest_index(a0 * xs[0] + a2, width)
-        rows = _nearest_index(b1 * ys[:, 0] + b2, height)
-        padded = np.empty((height + 1, width + 1, channels), dtype=np.uint8)
-        padded[:height, :width] = image
-        padded[height, :], padded[:, width] = fill, fill
-        return np.take(np.take(padded, rows, axis=0), cols, axis=1)
-    # same float32 operation order as the kernel: t0 * x + t1 * y + t2 (then / projection = 1); a read
-    # coordinate of the form 1 * x + 0 * y + 0 is x exactly and needs no rounding (shears keep one axis)
-    if (a0, a1, a2) == (1, 0, 0):
-        in_x = np.broadcast_to(np.arange(width, dtype=np.int32)[None, :], (height, width))
-    else:
-        in_x = _nearest_index((a0 * xs + a1 * ys) + a2, width)
-    if (b0, b1, b2) == (0, 1, 0):
-        in_y = np.broadcast_to(np.arange(height, dtype=np.int32)[:, None], (height, width))
-    else:
-        in_y = _nearest_index((b0 * xs + b1 * ys) + b2, height)
-    sentinel = height * width
-    flat = np.where((in_x == width) | (in_y == height), sentinel, in_y * width + in_x)
-    return _gather_pixels(image, flat, fill)
 
 
 def _radians(degrees) -> _F32:

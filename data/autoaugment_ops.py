@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .autoaugment_kernels import apply_lut, filled, histograms, strip_rows
+
 _F32 = np.float32
 _VALUES = np.arange(256, dtype=np.uint8)
 # tf.image.rgb_to_grayscale: x * float32(1/255) (convert_image_dtype), times the weights [0.2989, 0.5870,
-# 0.1140], summed in channel order, all float32. Each product depends on one channel value: tabulated.
+# 0.1140], summed in channel order, all float32.
 _GRAY_WEIGHTS = np.array([0.2989, 0.5870, 0.1140], dtype=_F32)
-_GRAY_TERMS = (_VALUES.astype(_F32) * _F32(1.0 / 255.0))[None, :] * _GRAY_WEIGHTS[:, None]  # [3, 256]
+_INV_255 = _F32(1.0 / 255.0)
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:
@@ -23,37 +25,50 @@ def _to_uint8(values: np.ndarray) -> np.ndarray:
     return values.astype(np.uint8)
 
 
-def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
-    """Per-value table lookup: `lut` `[256]` (all channels) or `[C, 256]` (per channel) uint8."""
-    if lut.ndim == 1:
-        return np.take(lut, image)
-    out = np.empty_like(image)
-    for channel in range(image.shape[-1]):
-        np.take(lut[channel], image[..., channel], out=out[..., channel])
+def _blend_float(first: np.ndarray, second: np.ndarray, factor: float) -> np.ndarray:
+    """Official `blend` of float32 copies of two uint8 images of one shape; `second` is overwritten.
+
+    The float32 operations of `first + factor * (second - first)`, done in place (IEEE products and sums
+    commute, so `(second - first) * factor + first` rounds identically) on contiguous arrays: numpy runs
+    broadcasts over a size-1 channel axis in 3-element inner loops, several times slower.
+    """
+    if factor == 0.0:
+        return _to_uint8(first)
+    if factor == 1.0:
+        return _to_uint8(second)
+    second -= first
+    second *= _F32(factor)
+    second += first
+    if not 0.0 < factor < 1.0:
+        np.clip(second, _F32(0.0), _F32(255.0), out=second)
+    return _to_uint8(second)
+
+
+def _spread_channels(plane: np.ndarray, channels: int) -> np.ndarray:
+    """`[H, W]` -> float32 `[H, W, channels]` copies (one strided write per channel, no 3-wide broadcast)."""
+    out = np.empty(plane.shape + (channels,), dtype=_F32)
+    for channel in range(channels):
+        out[..., channel] = plane
     return out
-
-
-def _histograms(image: np.ndarray) -> list[np.ndarray]:
-    """Per channel, the 256-bin histogram of the values (`tf.histogram_fixed_width(x, [0, 255], 256)`:
-    bin v holds the value v)."""
-    return [np.bincount(image[..., channel].ravel(), minlength=256) for channel in range(image.shape[-1])]
 
 
 def blend(image1: np.ndarray, image2: np.ndarray, factor: float) -> np.ndarray:
     """Official `blend`: `image1 + factor * (image2 - image1)` in float32, truncated to uint8.
 
     factor 0 -> image1, 1 -> image2 (returned as they are); in (0, 1) the result is cast without clipping
-    (it cannot leave [0, 255]); otherwise (extrapolation) it is clipped to [0, 255] first.
+    (it cannot leave [0, 255]); otherwise (extrapolation) it is clipped to [0, 255] first. `image1` may have
+    one channel (broadcast over the channels of `image2`).
     """
     if factor == 0.0:
         return np.array(image1, dtype=np.uint8)
     if factor == 1.0:
         return np.array(image2, dtype=np.uint8)
-    first = image1.astype(_F32)
-    temp = first + _F32(factor) * (image2.astype(_F32) - first)
-    if 0.0 < factor < 1.0:
-        return _to_uint8(temp)
-    return _to_uint8(np.clip(temp, _F32(0.0), _F32(255.0)))
+    second = np.asarray(image2).astype(_F32)
+    if image1.shape[-1] == 1 and second.shape[-1] > 1:
+        first = _spread_channels(image1[..., 0], second.shape[-1])
+    else:
+        first = np.asarray(image1).astype(_F32)
+    return _blend_float(first, second, factor)
 
 
 def _blend_constant(constant: int, image: np.ndarray, factor: float) -> np.ndarray:
@@ -61,17 +76,31 @@ def _blend_constant(constant: int, image: np.ndarray, factor: float) -> np.ndarr
     return apply_lut(image, blend(np.full(256, constant, np.uint8), _VALUES, factor))
 
 
+def _grayscale_of_float(x: np.ndarray) -> np.ndarray:
+    """`rgb_to_grayscale` of the float32 copy `x` `[H, W, 3]` of a uint8 image -> uint8 `[H, W]`."""
+    gray = (x[..., 0] * _INV_255) * _GRAY_WEIGHTS[0]
+    for channel in (1, 2):
+        term = x[..., channel] * _INV_255
+        term *= _GRAY_WEIGHTS[channel]
+        gray += term
+    gray *= _F32(255.5)
+    return _to_uint8(gray)
+
+
 def rgb_to_grayscale(image: np.ndarray) -> np.ndarray:
-    """`tf.image.rgb_to_grayscale` on uint8: `[H, W, 3]` -> `[H, W]` uint8 (float32 sum of the tabulated
-    channel terms, then `convert_image_dtype` back: x * 255.5, truncated)."""
-    gray = (np.take(_GRAY_TERMS[0], image[..., 0]) + np.take(_GRAY_TERMS[1], image[..., 1])
-            + np.take(_GRAY_TERMS[2], image[..., 2]))
-    return _to_uint8(gray * _F32(255.5))
+    """`tf.image.rgb_to_grayscale` on uint8: `[H, W, 3]` -> `[H, W]` uint8 (float32: each channel times
+    float32(1/255), times its weight, summed in channel order; then `convert_image_dtype` back: x * 255.5,
+    truncated)."""
+    return _grayscale_of_float(image.astype(_F32))
 
 
 def color(image: np.ndarray, factor: float) -> np.ndarray:
     """PIL-like Color: blend from the grey version of the image."""
-    return blend(rgb_to_grayscale(image)[..., None], image, factor)
+    if factor == 1.0:
+        return np.array(image, dtype=np.uint8)
+    x = image.astype(_F32)
+    gray = _grayscale_of_float(x).astype(_F32)
+    return _blend_float(_spread_channels(gray, x.shape[-1]), x, factor)
 
 
 def contrast(image: np.ndarray, factor: float) -> np.ndarray:
@@ -107,7 +136,7 @@ def solarize_add(image: np.ndarray, addition: int = 0, threshold: int = 128) -> 
 def autocontrast(image: np.ndarray) -> np.ndarray:
     """Per channel, stretch [min, max] to [0, 255] in float32 (channels with max == min are kept)."""
     luts = []
-    for histo in _histograms(image):  # min / max = first / last non-empty bin
+    for histo in histograms(image):  # min / max = first / last non-empty bin
         lo, hi = (_F32(v) for v in np.flatnonzero(histo)[[0, -1]])
         if hi > lo:
             scale = _F32(255.0) / (hi - lo)
@@ -124,7 +153,7 @@ def equalize(image: np.ndarray) -> np.ndarray:
     shifted right by one bin (lut[0] = 0), clipped to [0, 255]; channels with step 0 are kept.
     """
     luts = []
-    for histo in _histograms(image):
+    for histo in histograms(image):
         step = (histo.sum() - histo[np.flatnonzero(histo)[-1]]) // 255
         if step == 0:
             luts.append(_VALUES)
@@ -134,26 +163,46 @@ def equalize(image: np.ndarray) -> np.ndarray:
     return apply_lut(image, np.stack(luts))
 
 
+def _sharpened_band(rows: np.ndarray, factor: float) -> np.ndarray:
+    """Sharpness of the interior of a band: `rows` `[h + 2, W, C]` uint8 -> `[h, W - 2, C]` uint8, the output
+    rows 1..h, columns 1..W-2 of `rows`."""
+    height, width = rows.shape[:2]
+    x = rows.astype(_F32)
+    side = x * (_F32(1.0) / _F32(13.0))
+    centre = x * (_F32(5.0) / _F32(13.0))
+
+    def tap(dy, dx):
+        return (centre if dy == dx == 1 else side)[dy:dy + height - 2, dx:dx + width - 2]
+
+    smooth = tap(0, 0) + tap(0, 1)
+    for dy, dx in ((0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)):
+        smooth += tap(dy, dx)
+    np.clip(smooth, _F32(0.0), _F32(255.0), out=smooth)
+    np.trunc(smooth, out=smooth)  # the uint8 cast of the degenerate image, kept in float32 for the blend
+    return _blend_float(smooth, x[1:-1, 1:-1].copy(), factor)
+
+
 def sharpness(image: np.ndarray, factor: float) -> np.ndarray:
     """PIL-like Sharpness: blend from the image smoothed by PIL's SMOOTH kernel [[1,1,1],[1,5,1],[1,1,1]] / 13.
 
-    The smoothing is a VALID 3x3 depthwise convolution in float32 (taps summed in row-major order), clipped and
-    truncated to uint8; the one-pixel border keeps the original values.
+    The smoothing is a VALID 3x3 depthwise convolution in float32: the nine products `x * float32(1/13)` (the
+    centre `x * float32(5/13)`) summed in row-major tap order, clipped and truncated to uint8; the one-pixel
+    border keeps the original values, so there the blend gives the image itself. Each tap's product is a
+    shifted window of one of two product images computed once, and the sum keeps the tap order, so every
+    rounding is the official one. Done in bands of rows (overlapping by the kernel's two rows) whose float
+    temporaries stay in cache.
     """
     if factor == 1.0:
         return np.array(image, dtype=np.uint8)
     height, width = image.shape[:2]
-    degenerate = np.array(image, dtype=np.uint8)
-    if height >= 3 and width >= 3:
-        x = image.astype(_F32)
-        side, centre = _F32(1.0) / _F32(13.0), _F32(5.0) / _F32(13.0)
-        acc = x[:-2, :-2] * side
-        term = np.empty_like(acc)
-        for dy, dx in ((0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)):
-            np.multiply(x[dy:dy + height - 2, dx:dx + width - 2], centre if dy == dx == 1 else side, out=term)
-            acc += term
-        degenerate[1:-1, 1:-1] = _to_uint8(np.clip(acc, _F32(0.0), _F32(255.0), out=acc))
-    return blend(degenerate, image, factor)
+    out = np.array(image, dtype=np.uint8)
+    if height < 3 or width < 3:
+        return out
+    rows = strip_rows(width)
+    for top in range(1, height - 1, rows):
+        bottom = min(top + rows, height - 1)
+        out[top:bottom, 1:-1] = _sharpened_band(image[top - 1:bottom + 1], factor)
+    return out
 
 
 def cutout_mask_fill(image: np.ndarray, centre: tuple[int, int], pad: tuple[int, int], fill) -> np.ndarray:
@@ -162,7 +211,8 @@ def cutout_mask_fill(image: np.ndarray, centre: tuple[int, int], pad: tuple[int,
     height, width = image.shape[:2]
     (cy, cx), (pad_y, pad_x) = centre, pad
     out = np.array(image, dtype=np.uint8)
-    out[max(0, cy - pad_y):min(height, cy + pad_y), max(0, cx - pad_x):min(width, cx + pad_x)] = fill
+    region = out[max(0, cy - pad_y):min(height, cy + pad_y), max(0, cx - pad_x):min(width, cx + pad_x)]
+    region[...] = filled(region.shape, fill)
     return out
 
 
