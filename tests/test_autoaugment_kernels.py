@@ -107,8 +107,9 @@ def test_lookups_and_histograms_equal_the_plain_forms(index):
 
 def test_round_to_index_is_round_half_away_from_zero_on_ties_and_near_ties():
     halves = np.arange(0, 300, dtype=np.float64) + 0.5
-    coords = np.concatenate([halves, np.nextafter(halves.astype(F32), F32(0)), np.nextafter(halves.astype(F32), F32(1e9)),
-                             np.arange(0, 300), np.random.default_rng(0).uniform(-0.49999, 300, 2000),
+    below, above = np.nextafter(halves.astype(F32), F32(0)), np.nextafter(halves.astype(F32), F32(1e9))
+    spread = np.random.default_rng(0).uniform(-0.49999, 300, 2000)
+    coords = np.concatenate([halves, below, above, np.arange(0, 300), spread,
                              [-0.49999997, -0.25, -0.0, 0.49999997, 0.5]]).astype(F32)
     reference = np.floor(np.abs(coords.astype(np.float64)) + 0.5)
     assert np.array_equal(kernels.round_to_index(F32(2) * coords), reference.astype(np.int32))
@@ -134,10 +135,12 @@ def test_warps_equal_the_per_pixel_formula(index):
     fill = (128, 7, 200)
     transforms = [_rotation(height, width, d) for d in (3.0, -30.0, 45.0, 90.0, -12.5)]
     transforms += [(1.0, s, 0.0, 0.0, 1.0, 0.0) for s in SHEARS] + [(1.0, 0.0, 0.0, s, 1.0, 0.0) for s in SHEARS]
-    transforms += [(1.0, 0.0, t, 0.0, 1.0, 0.0) for t in TRANSLATIONS] + [(1.0, 0.0, 0.0, 0.0, 1.0, t) for t in TRANSLATIONS]
+    transforms += [(1.0, 0.0, t, 0.0, 1.0, 0.0) for t in TRANSLATIONS]
+    transforms += [(1.0, 0.0, 0.0, 0.0, 1.0, t) for t in TRANSLATIONS]
     transforms += [(1.0, 0.0, 3.0, 0.0, 1.0, -2.0), (0.5, 0.0, 0.0, 0.0, 2.0, 0.0), (1.0, 0.2, 1.5, 0.1, 1.0, 0.0)]
     for transform in transforms:
-        assert np.array_equal(affine_nearest(image, transform, fill), _warp_reference(image, transform, fill)), transform
+        expected = _warp_reference(image, transform, fill)
+        assert np.array_equal(affine_nearest(image, transform, fill), expected), transform
 
 
 # ---- colour ops ---------------------------------------------------------------------------------------------
@@ -150,9 +153,10 @@ def test_colour_ops_equal_the_plain_formulas(index):
     other = np.ascontiguousarray(image[::-1, ::-1])
     for factor in FACTORS:
         assert np.array_equal(ops.blend(other, image, factor), _blend_reference(other, image, factor))
-        assert np.array_equal(ops.blend(gray[..., None], image, factor), _blend_reference(gray[..., None], image, factor))
+        expected = _blend_reference(gray[..., None], image, factor)
+        assert np.array_equal(ops.blend(gray[..., None], image, factor), expected)
         if factor != 0.0:  # the official blend would return the 1-channel grey image itself
-            assert np.array_equal(ops.color(image, factor), _blend_reference(gray[..., None], image, factor))
+            assert np.array_equal(ops.color(image, factor), expected)
         assert np.array_equal(ops.sharpness(image, factor), _sharpness_reference(image, factor))
     luts = []
     for histo in (np.bincount(image[..., c].ravel(), minlength=256) for c in range(3)):
