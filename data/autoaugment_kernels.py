@@ -95,12 +95,22 @@ def strip_rows(width: int) -> int:
 def pixel_words(image: np.ndarray, fill) -> np.ndarray:
     """RGB uint8 `[H, W, 3]` -> little-endian uint32 `[H * W + 1]`: pixel i's bytes in the low 24 bits (the top
     byte is garbage), the extra last word the `fill` colour. One strided copy that reads 4 bytes at a 3-byte
-    stride; whole pixels can then be gathered with a 4-byte `take`, several times faster than 3-byte rows."""
-    pixels = image.shape[0] * image.shape[1]
-    data = np.empty(3 * (pixels + 1) + 1, dtype=np.uint8)  # + 1: the last word's top byte
-    data[:3 * pixels] = np.ascontiguousarray(image, dtype=np.uint8).reshape(-1)
-    data[3 * pixels:3 * pixels + 3] = np.broadcast_to(np.asarray(fill, dtype=np.uint8), (3,))
-    return np.ndarray((pixels + 1,), dtype=np.dtype("<u4"), buffer=data, strides=(3,)).copy()
+    stride straight from the image (the last pixel, whose 4th byte would lie past the image, separately);
+    whole pixels can then be gathered with a 4-byte `take`, several times faster than 3-byte rows."""
+    src = np.ascontiguousarray(image, dtype=np.uint8).reshape(-1)
+    pixels = src.size // 3
+    words = np.empty(pixels + 1, dtype=np.dtype("<u4"))
+    if pixels > 1:
+        words[:pixels - 1] = np.ndarray((pixels - 1,), dtype=words.dtype, buffer=src, strides=(3,))
+    if pixels:
+        words[pixels - 1] = _word(src[-3:])
+    words[pixels] = _word(np.broadcast_to(np.asarray(fill, dtype=np.uint8), (3,)))
+    return words
+
+
+def _word(three: np.ndarray) -> int:
+    """The little-endian uint32 of 3 bytes and a zero byte."""
+    return int(three[0]) | int(three[1]) << 8 | int(three[2]) << 16
 
 
 def words_to_pixels(words: np.ndarray, out: np.ndarray) -> None:

@@ -67,9 +67,13 @@ def _exact_index(xs: np.ndarray, ys: np.ndarray, a_coeffs, b_coeffs, height: int
     `H * W` where the sample falls outside. Every coordinate computed as the kernel does."""
     in_x, outside_x = _axis_reads(xs, ys, a_coeffs, width)
     in_y, outside_y = _axis_reads(xs, ys, b_coeffs, height)
-    flat = in_y * np.int32(width) + in_x
-    outside = outside_x if outside_y is None else outside_y if outside_x is None else outside_x | outside_y
-    np.copyto(flat, height * width, where=outside)
+    flat = in_y * np.int32(width) if in_y.shape != (len(ys), len(xs)) else np.multiply(in_y, width, out=in_y)
+    flat = flat + in_x if flat.shape != (len(ys), len(xs)) else np.add(flat, in_x, out=flat)
+    if outside_x is not None and outside_y is not None:
+        outside_x |= outside_y
+    outside = outside_x if outside_x is not None else outside_y
+    if outside is not None:
+        np.copyto(flat, height * width, where=outside)
     return flat
 
 
