@@ -71,14 +71,19 @@ def round_to_index(doubled: np.ndarray) -> np.ndarray:
     return index
 
 
+def paint(view: np.ndarray, fill) -> None:
+    """Set every pixel of the uint8 `view` `[h, w, C]` (any strides) to the colour `fill` (scalar or `[C]`):
+    its first row by broadcasting, the other rows copied from it (a C-wide broadcast over the whole view
+    runs in C-element inner loops, much slower)."""
+    if view.size:
+        view[0] = fill
+        view[1:] = view[0]
+
+
 def filled(shape: tuple[int, ...], fill) -> np.ndarray:
-    """uint8 array of `shape` `[..., C]` holding the colour `fill` (scalar or `[C]`) everywhere. The first row
-    is filled by broadcasting, the rest copied from it (a 3-wide broadcast over the whole image is slow)."""
+    """New uint8 array of `shape` `[h, w, C]` holding the colour `fill` everywhere."""
     out = np.empty(shape, dtype=np.uint8)
-    if out.size:
-        first = out.reshape(shape[0], -1)
-        first[0].reshape(shape[1:])[...] = fill
-        first[1:] = first[0]
+    paint(out, fill)
     return out
 
 

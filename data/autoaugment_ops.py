@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autoaugment_kernels import apply_lut, filled, histograms, strip_rows
+from .autoaugment_kernels import apply_lut, histograms, paint, strip_rows
 
 _F32 = np.float32
 _VALUES = np.arange(256, dtype=np.uint8)
@@ -214,7 +214,7 @@ def cutout_mask_fill(image: np.ndarray, centre: tuple[int, int], pad: tuple[int,
     (cy, cx), (pad_y, pad_x) = centre, pad
     out = np.array(image, dtype=np.uint8)
     region = out[max(0, cy - pad_y):min(height, cy + pad_y), max(0, cx - pad_x):min(width, cx + pad_x)]
-    region[...] = filled(region.shape, fill)
+    paint(region, fill)
     return out
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .autoaugment_kernels import filled, pixel_words, round_to_index, strip_rows, words_to_pixels
+from .autoaugment_kernels import filled, paint, pixel_words, round_to_index, strip_rows, words_to_pixels
 
 _F32 = np.float32
 # |2 c| below this bound has a float32 ulp of at most 2^-11; a shift term whose fraction is below 1 - 2^-11
@@ -144,6 +144,26 @@ def _gather(image: np.ndarray, fill: np.ndarray, flat: np.ndarray) -> np.ndarray
     return out
 
 
+def _block(image: np.ndarray, out_y: slice, out_x: slice, in_y: slice, in_x: slice, fill) -> np.ndarray:
+    """Output block `[out_y, out_x]` = input block `[in_y, in_x]` (same size), `fill` around it."""
+    out = np.empty(image.shape, dtype=np.uint8)
+    if out_y.start < out_y.stop and out_x.start < out_x.stop:
+        out[out_y, out_x] = image[in_y, in_x]
+    else:
+        out_y = out_x = slice(0, 0)
+    for rows, cols in ((slice(0, out_y.start), slice(None)), (slice(out_y.stop, None), slice(None)),
+                       (out_y, slice(0, out_x.start)), (out_y, slice(out_x.stop, None))):
+        paint(out[rows, cols], fill)
+    return out
+
+
+def _shift_slices(shift: int, size: int) -> tuple[slice, slice]:
+    """(output, input) slices of a whole-pixel shift `out[i] = in[i + shift]` along an axis of `size`."""
+    start, stop = min(max(0, -shift), size), max(min(size, size - shift), 0)
+    stop = max(stop, start)
+    return slice(start, stop), slice(start + shift, stop + shift)
+
+
 def affine_nearest(image: np.ndarray, transform, replace) -> np.ndarray:
     """`[H, W, C]` uint8 warped by the 6 affine entries `(a0, a1, a2, b0, b1, b2)` of a TF projective transform
     (output -> input map, see the module docstring); pixels sampled outside the input become `replace`."""
@@ -151,16 +171,19 @@ def affine_nearest(image: np.ndarray, transform, replace) -> np.ndarray:
     a_coeffs = tuple(_F32(2.0) * _F32(v) for v in transform[:3])
     b_coeffs = tuple(_F32(2.0) * _F32(v) for v in transform[3:])
     fill = np.broadcast_to(np.asarray(replace, dtype=np.uint8), (channels,))
+    if a_coeffs[:2] == (2, 0) and b_coeffs[:2] == (0, 2) and a_coeffs[2] % 2 == 0 and b_coeffs[2] % 2 == 0:
+        # translation by whole pixels (dx, dy): `x + dx` is an exact float32 integer, its own rounding
+        (out_x, in_x), (out_y, in_y) = (_shift_slices(int(a_coeffs[2]) // 2, width),
+                                        _shift_slices(int(b_coeffs[2]) // 2, height))
+        return _block(image, out_y, out_x, in_y, in_x, fill)
     xs, ys = np.arange(width, dtype=_F32), np.arange(height, dtype=_F32)
-    if a_coeffs[1] == 0 and b_coeffs[0] == 0:  # translation: x reads depend on x only, y reads on y only
+    if a_coeffs[1] == 0 and b_coeffs[0] == 0:  # other translations and scalings: x reads x only, y reads y only
         # the kernel's `a0 * x + 0 * y + a2` equals `a0 * x + a2` exactly
         runs = (_run(*_read_index(a_coeffs[0] * xs + a_coeffs[2], width)),
                 _run(*_read_index(b_coeffs[1] * ys + b_coeffs[2], height)))
-        if None not in runs:  # every translation by whole pixels
+        if None not in runs:  # the inside reads are one block of consecutive pixels
             (out_x, in_x), (out_y, in_y) = runs
-            out = filled(image.shape, fill)
-            out[out_y, out_x] = image[in_y, in_x]
-            return out
+            return _block(image, out_y, out_x, in_y, in_x, fill)
     shear = _shear_blocks(a_coeffs, b_coeffs, height, width)
     if shear is not None:  # block copies of shifted lines
         axis, blocks, rest = shear
