@@ -15,8 +15,10 @@ _PAIR_CHANNELS = ((0, 1), (2, 0), (1, 2))
 
 
 def _pair_table(low: np.ndarray, high: np.ndarray) -> np.ndarray:
-    """`[65536]` uint16 table of a byte pair: entry `hi * 256 + lo` holds `low[lo] | high[hi] << 8`."""
-    return (low[None, :].astype(_U16) | (high[:, None].astype(_U16) << 8)).reshape(-1)
+    """`[..., 65536]` uint16 tables of byte pairs from `[..., 256]` tables: entry `hi * 256 + lo` holds
+    `low[lo] | high[hi] << 8`."""
+    table = low[..., None, :].astype(_U16) | (high[..., :, None].astype(_U16) << 8)
+    return table.reshape(*low.shape[:-1], 65536)
 
 
 def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
@@ -41,8 +43,10 @@ def apply_lut(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
     pixels = flat.size // 3
     even = 3 * (pixels - pixels % 2)  # whole pixel pairs; a last odd pixel is looked up byte by byte
     pairs_in, pairs_out = flat[:even].view(_U16).reshape(-1, 3), out[:even].view(_U16).reshape(-1, 3)
-    for column, (low, high) in enumerate(_PAIR_CHANNELS):
-        pairs_out[:, column] = np.take(_pair_table(lut[low], lut[high]), pairs_in[:, column], mode="clip")
+    lows, highs = zip(*_PAIR_CHANNELS)
+    tables = _pair_table(lut[list(lows)], lut[list(highs)])
+    for column in range(3):
+        pairs_out[:, column] = np.take(tables[column], pairs_in[:, column], mode="clip")
     for channel in range(3):
         out[even + channel::3] = lut[channel][flat[even + channel::3]]
     return out.reshape(src.shape)

@@ -134,34 +134,36 @@ def solarize_add(image: np.ndarray, addition: int = 0, threshold: int = 128) -> 
     return apply_lut(image, np.where(_VALUES < np.uint8(int(threshold) % 256), added, _VALUES))
 
 
+def _value_range(histos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last non-empty bin of each `[C, 256]` histogram row: the channel's min and max value."""
+    nonempty = histos > 0
+    return nonempty.argmax(axis=1), 255 - nonempty[:, ::-1].argmax(axis=1)
+
+
 def autocontrast(image: np.ndarray) -> np.ndarray:
-    """Per channel, stretch [min, max] to [0, 255] in float32 (channels with max == min are kept)."""
-    luts = []
-    for histo in histograms(image):  # min / max = first / last non-empty bin
-        lo, hi = (_F32(v) for v in np.flatnonzero(histo)[[0, -1]])
-        if hi > lo:
-            scale = _F32(255.0) / (hi - lo)
-            luts.append(_to_uint8(np.clip(_VALUES.astype(_F32) * scale + -lo * scale, _F32(0.0), _F32(255.0))))
-        else:
-            luts.append(_VALUES)
-    return apply_lut(image, np.stack(luts))
+    """Per channel, stretch [min, max] to [0, 255] in float32: `clip(x * scale + -min * scale, 0, 255)` with
+    `scale = 255 / (max - min)`, truncated (channels with max == min are kept). All channels' tables at once."""
+    lo, hi = (v.astype(_F32) for v in _value_range(histograms(image)))
+    stretch = hi > lo
+    scale = _F32(255.0) / np.where(stretch, hi - lo, _F32(1.0))
+    luts = _VALUES.astype(_F32)[None, :] * scale[:, None]
+    luts += (-lo * scale)[:, None]
+    luts = _to_uint8(np.clip(luts, _F32(0.0), _F32(255.0), out=luts))
+    return apply_lut(image, np.where(stretch[:, None], luts, _VALUES[None, :]))
 
 
 def equalize(image: np.ndarray) -> np.ndarray:
     """PIL-like Equalize per channel (official integer arithmetic).
 
     step = (number of pixels - count of the highest non-empty bin) // 255; lut = (cumsum + step // 2) // step
-    shifted right by one bin (lut[0] = 0), clipped to [0, 255]; channels with step 0 are kept.
+    shifted right by one bin (lut[0] = 0), clipped to [0, 255]; channels with step 0 are kept. All channels'
+    tables at once.
     """
-    luts = []
-    for histo in histograms(image):
-        step = (histo.sum() - histo[np.flatnonzero(histo)[-1]]) // 255
-        if step == 0:
-            luts.append(_VALUES)
-            continue
-        lut = (np.cumsum(histo) + step // 2) // step
-        luts.append(np.clip(np.concatenate([[0], lut[:-1]]), 0, 255).astype(np.uint8))
-    return apply_lut(image, np.stack(luts))
+    histos = histograms(image)
+    step = (histos.sum(axis=1) - histos[np.arange(len(histos)), _value_range(histos)[1]]) // 255
+    luts = (np.cumsum(histos, axis=1) + (step // 2)[:, None]) // np.maximum(step, 1)[:, None]
+    luts = np.clip(np.concatenate([np.zeros_like(luts[:, :1]), luts[:, :-1]], axis=1), 0, 255).astype(np.uint8)
+    return apply_lut(image, np.where((step == 0)[:, None], _VALUES[None, :], luts))
 
 
 def _sharpened_band(rows: np.ndarray, factor: float) -> np.ndarray:
