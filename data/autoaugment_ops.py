@@ -58,17 +58,19 @@ def blend(image1: np.ndarray, image2: np.ndarray, factor: float) -> np.ndarray:
 
     factor 0 -> image1, 1 -> image2 (returned as they are); in (0, 1) the result is cast without clipping
     (it cannot leave [0, 255]); otherwise (extrapolation) it is clipped to [0, 255] first. `image1` may have
-    one channel (broadcast over the channels of `image2`).
+    one channel (broadcast over the channels of `image2`); other shapes broadcast as numpy does.
     """
     if factor == 0.0:
         return np.array(image1, dtype=np.uint8)
     if factor == 1.0:
         return np.array(image2, dtype=np.uint8)
-    second = np.asarray(image2).astype(_F32)
-    if image1.shape[-1] == 1 and second.shape[-1] > 1:
-        first = _spread_channels(image1[..., 0], second.shape[-1])
+    image1, image2 = np.asarray(image1), np.asarray(image2)
+    shape = np.broadcast_shapes(image1.shape, image2.shape)
+    second = np.broadcast_to(image2, shape).astype(_F32)
+    if image1.shape[-1] == 1 and shape[-1] > 1 and image1.shape[:-1] == shape[:-1]:
+        first = _spread_channels(image1[..., 0], shape[-1])
     else:
-        first = np.asarray(image1).astype(_F32)
+        first = np.broadcast_to(image1, shape).astype(_F32)
     return _blend_float(first, second, factor)
 
 

@@ -145,6 +145,13 @@ def test_warps_equal_the_per_pixel_formula(index):
 
 # ---- colour ops ---------------------------------------------------------------------------------------------
 
+def test_blend_of_every_value_pair_equals_the_formula():
+    values = np.arange(256, dtype=np.uint8)
+    for factor in FACTORS:  # numpy-broadcastable inputs: every (a, b) pair of uint8 values
+        assert np.array_equal(ops.blend(values[:, None], values[None, :], factor),
+                              _blend_reference(values[:, None], values[None, :], factor))
+
+
 @pytest.mark.parametrize("index", range(len(IMAGES)))
 def test_colour_ops_equal_the_plain_formulas(index):
     image = IMAGES[index]
