@@ -1,8 +1,9 @@
 """Exact uint8 image kernels shared by the AutoAugment ops: table lookups, histograms, pixel gathers.
 
-Images are RGB uint8 `[H, W, 3]` (C-contiguous or not); results are new C-contiguous arrays. Every kernel
-computes exactly what the plain numpy formula in its docstring computes, only with fewer passes over memory
-(a DataLoader worker runs them on one thread, so memory traffic is their cost).
+Images are RGB uint8 `[H, W, 3]` (C-contiguous or not); results are new C-contiguous arrays or written into
+the one given. Every kernel computes exactly what the plain numpy formula in its docstring computes (tested
+against it in tests/test_autoaugment_kernels.py), with fewer numpy passes and gathers: a DataLoader worker
+runs them on one thread, where each pass over an image costs about as much as the arithmetic in it.
 """
 from __future__ import annotations
 
@@ -91,8 +92,9 @@ def filled(shape: tuple[int, ...], fill) -> np.ndarray:
     return out
 
 
-# Pixels per row strip of the float / index work of one op: a strip's temporaries stay in the L2 cache, which
-# makes each elementwise pass several times cheaper than one over the whole image.
+# Pixels per row strip of the float / index work of one op: a strip's temporaries stay in the L2 cache
+# (Sharpness of a ~500 px image measured 1.5-2.5x faster than over the whole image at once); much smaller
+# strips lose more to numpy's per-call cost than they gain.
 STRIP_PIXELS = 1 << 15
 
 
@@ -105,7 +107,7 @@ def pixel_words(image: np.ndarray, fill) -> np.ndarray:
     """RGB uint8 `[H, W, 3]` -> little-endian uint32 `[H * W + 1]`: pixel i's bytes in the low 24 bits (the top
     byte is garbage), the extra last word the `fill` colour. One strided copy that reads 4 bytes at a 3-byte
     stride straight from the image (the last pixel, whose 4th byte would lie past the image, separately);
-    whole pixels can then be gathered with a 4-byte `take`, several times faster than 3-byte rows."""
+    whole pixels can then be gathered with a 4-byte `take` (measured 2-4x faster than taking 3-byte rows)."""
     src = np.ascontiguousarray(image, dtype=np.uint8).reshape(-1)
     pixels = src.size // 3
     words = np.empty(pixels + 1, dtype=np.dtype("<u4"))

@@ -6,8 +6,9 @@ Output pixel (x, y) (integer coordinates, no half-pixel offset) reads input pixe
 (`t0 * x + t1 * y + t2`), with `std::round` (half away from zero); samples outside the image become `replace`
 (the official `wrap` / `unwrap` pair: the 4th channel is 0 exactly where the sample was outside).
 
-Exactness: coordinates are computed doubled, with doubled coefficients (scaling by 2 is exact, so every float32
-rounding is the kernel's), which turns `std::round` into integer arithmetic (`round_to_index`). Speed: whole-pixel
+Exactness: coordinates are computed doubled, with doubled coefficients (scaling by 2 is exact away from the
+subnormal range, which no coefficient or coordinate of these ops comes near, so every float32 rounding is the
+kernel's), which turns `std::round` into integer arithmetic (`round_to_index`). Speed: whole-pixel
 translations are one block copy; shears read, per row (column), a shifted row (column), whose shift follows
 from one float per line (`_line_shifts`, with the exact per-pixel path for lines it cannot prove); rotations
 compute every coordinate, a band of rows at a time so the band's temporaries stay in cache.
