@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     SIGINT / SIGTERM raises SystemExit(130 / 143) (`train.cli.run_train`)."""
     args = parse_args(argv)
     if not args.system_malloc:
-        reuse_freed_memory()
+        reuse_freed_memory(training=args.mode in ("train", "trainval"))
     module, _, run, _ = MODES[args.mode]
     try:
         getattr(importlib.import_module(module), run)(args)

@@ -26,9 +26,10 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   (official L2, clipping, momentum SGD), `train.ema.ModelEMA.update`, on both sides; targets assigned once
   beforehand. bf16 = `torch.autocast("cpu", torch.bfloat16)` around the forward, as `train/trainer.py` does.
 * The peer runs in float32 unless `--peer-precision same` (the targets compare against effdet fp32).
-* Allocator: ours keeps freed memory for reuse, as `main.py` runs (`utils/allocator.py`; `--malloc system`
-  for glibc's defaults, `main.py --system-malloc`); effdet runs with glibc's defaults, as it ships, unless
-  `--peer-malloc reuse` gives it the same setting.
+* Allocator: ours keeps freed memory for reuse, as `main.py` runs (`utils/allocator.py`: its training setting
+  for train rows, its inference setting otherwise; `--malloc system` for glibc's defaults, `main.py
+  --system-malloc`); effdet runs with glibc's defaults, as it ships, unless `--peer-malloc reuse` gives it
+  the same setting.
 * ratio: the median over the timed pairs of (effdet step time / ours), each pair run back to back.
 * GFLOP/s: FLOPs per image x img/s. FLOPs = 2 x the multiply-adds of every convolution and matrix product of
   one forward pass at batch 1 (`utils.summary.forward_flops`: torch's flop counter on the meta device; D0 at

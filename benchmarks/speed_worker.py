@@ -194,7 +194,7 @@ def worker(spec: dict) -> None:
     """Line protocol on stdin/stdout: after "ready", each "step" -> {"time"}; "finish" -> {"rss_mb", "delta"}."""
     if spec["malloc"] == "reuse":
         from utils.allocator import reuse_freed_memory
-        if not reuse_freed_memory():
+        if not reuse_freed_memory(training=spec.get("mode") == "train"):  # as main.py sets it per mode
             raise RuntimeError("--malloc reuse needs glibc (Linux)")
     import torch
     torch.set_num_threads(spec["threads"])

@@ -1,4 +1,5 @@
-"""utils.allocator: with freed memory kept for reuse, allocating a large buffer again costs no page faults."""
+"""utils.allocator: with freed memory kept for reuse, allocating a large buffer again costs no page faults;
+the training setting still maps blocks of 32 MiB and more afresh (peak RSS) and reuses smaller ones."""
 import subprocess
 import sys
 from pathlib import Path
@@ -10,10 +11,10 @@ _PROBE = """
 import resource, sys
 import torch
 from utils.allocator import reuse_freed_memory
-if sys.argv[1] == "reuse" and not reuse_freed_memory():
+if sys.argv[1] != "system" and not reuse_freed_memory(training=sys.argv[1] == "train"):
     sys.exit("reuse_freed_memory() did not take effect")
 faults = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-x = torch.randn(1, 64, 512, 512)  # 64 MiB: above glibc's largest dynamic mmap threshold
+x = torch.randn(1, int(sys.argv[2]), 512, 512)  # 1 MiB per channel; 64 MiB: above glibc's dynamic mmap threshold
 
 def layers():  # a chain of activations, as a forward pass makes them
     y = x * 2
@@ -30,8 +31,9 @@ print(faults() - before)
 """
 
 
-def _faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _PROBE, mode], cwd=ROOT, capture_output=True, text=True, check=True)
+def _faults(mode: str, channels: int = 64) -> int:
+    out = subprocess.run([sys.executable, "-c", _PROBE, mode, str(channels)], cwd=ROOT, capture_output=True,
+                         text=True, check=True)
     return int(out.stdout.strip())
 
 
@@ -40,3 +42,11 @@ def test_reuse_freed_memory_stops_refaulting_large_buffers():
     system, reuse = _faults("system"), _faults("reuse")
     assert system > 5 * 2 * (64 << 20) // 4096  # glibc maps each buffer afresh: its pages fault in again
     assert reuse < system // 50
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc tuning is Linux-only")
+def test_training_setting_maps_large_blocks_afresh_and_reuses_smaller_ones():
+    large = _faults("train", 64)  # 64 MiB blocks: above the training mmap threshold (32 MiB)
+    assert large > 5 * 2 * (64 << 20) // 4096  # unmapped when freed: they fault in again, as with the defaults
+    small = _faults("train", 16)  # 16 MiB blocks: kept in the heap
+    assert small < 5 * 2 * (16 << 20) // 4096 // 50
