@@ -20,8 +20,8 @@ The price is peak RSS, and it depends on what the process does, hence two settin
   changes nothing. Handing blocks of 32 MiB and more to `mmap` again keeps the big activations and
   gradients out of the heap (peak 2504 MB for 3 steps, as the defaults), and trimming the heap top past
   128 MiB stops the growth across steps: 2456 MB after 1 step, 2546 MB from the 2nd to the 10th (trimming
-  past 512 MiB: 2616 MB from the 5th to the 20th; never trimming: 2703 after 7; threshold 16 MiB, trim 128 MiB: 2465
-  MB but ~3 s a step, as the defaults). The price is speed: those blocks fault in again on every step
+  past 512 MiB: 2616 MB from the 5th to the 20th; never trimming: 2703 after 7; threshold 16 MiB, trim
+  128 MiB: 2465 MB but ~3 s a step, as the defaults). The price is speed: those blocks fault in again on every step
   (threshold 32 MiB with trim 512 MiB, same process, steps alternated, median of 7: fp32 2.47 s a step vs
   1.94 s with the inference setting, bf16 1.83 vs 1.72 s). The 32 MiB threshold would also cost
   inference at batch 8 (D0 fp32 11.45 -> 9.64 img/s), hence two settings.
