@@ -19,18 +19,18 @@ The price is peak RSS, and it depends on what the process does, hence two settin
   help (the peak is inside the step: 2825 -> 2938 MB) and costs ~1 s a step; one arena (M_ARENA_MAX=1)
   changes nothing. Handing blocks of 32 MiB and more to `mmap` again keeps the big activations and
   gradients out of the heap (peak 2504 MB for 3 steps, as the defaults), and trimming the heap top past
-  128 MiB stops the growth across steps: 2456 MB after 1 step, 2546 MB from the 2nd to the 10th (trimming
-  past 512 MiB: 2616 MB from the 5th to the 20th; never trimming: 2703 after 7; threshold 16 MiB, trim
-  128 MiB: 2465 MB but ~3 s a step, as the defaults). The price is speed: those blocks fault in again on every step
-  (threshold 32 MiB with trim 512 MiB, same process, steps alternated, median of 7: fp32 2.47 s a step vs
-  1.94 s with the inference setting, bf16 1.83 vs 1.72 s). The 32 MiB threshold would also cost
-  inference at batch 8 (D0 fp32 11.45 -> 9.64 img/s), hence two settings.
+  512 MiB stops the growth across steps: 2455 MB after 1 step, 2616 MB from the 5th to the 20th (never
+  trimming: 2703 after 7; trimming past 128 MiB: 2546 MB from the 2nd, but slower, see below; threshold
+  16 MiB, trim 128 MiB: 2465 MB at ~3 s a step, as the defaults). The price is speed: those blocks fault
+  in again on every step (same process, steps alternated, median of 7: fp32 2.47 s a step vs 1.94 s with
+  the inference setting, bf16 1.83 vs 1.72 s). The 32 MiB threshold would also cost inference at batch 8
+  (D0 fp32 11.45 -> 9.64 img/s), hence two settings.
 
 Measured with `benchmarks/speed.py --modes train --precisions fp32 bf16 --runs 5` (D0 512 px, batch 4, vs
-effdet's fp32 step with glibc's defaults; AMD EPYC, 2 vCPU, a noisy VM): the training setting gave fp32
-1.67x the speed at 0.77x effdet's peak RSS, bf16 autocast 2.10x at 0.65x (with trim past 512 MiB instead,
-three runs: fp32 1.71-1.94x at 0.76-0.80x, bf16 1.80-2.24x at 0.67-0.68x); the inference setting in
-training gave fp32 2.23x at 0.92x, bf16 2.94x at 0.69x.
+effdet's fp32 step with glibc's defaults; AMD EPYC, 2 vCPU, a noisy VM), three runs each. This setting:
+fp32 1.71-1.94x the speed at 0.76-0.80x effdet's peak RSS, bf16 autocast 1.80-2.24x at 0.67-0.68x.
+Trimming past 128 MiB instead: fp32 1.46-1.67x at 0.75-0.77x, bf16 1.86-2.19x at 0.65x. The inference
+setting in training (one run): fp32 2.23x at 0.92x, bf16 2.94x at 0.69x.
 
 `main.py` calls `reuse_freed_memory(training=...)` at start-up (`--system-malloc` keeps glibc's defaults).
 """
@@ -52,7 +52,7 @@ class Setting(NamedTuple):
 
 
 INFERENCE = Setting(mmap_threshold=1 << 30, trim_threshold=(1 << 31) - 1)  # never trim in practice
-TRAINING = Setting(mmap_threshold=32 << 20, trim_threshold=128 << 20)
+TRAINING = Setting(mmap_threshold=32 << 20, trim_threshold=512 << 20)
 
 
 def reuse_freed_memory(training: bool = False) -> bool:
