@@ -55,7 +55,7 @@ from model import AnchorGenerator, build_model, get_config  # noqa: E402
 from train.assign import TargetAssigner  # noqa: E402
 from train.ema import ModelEMA  # noqa: E402
 from train.loss import detection_loss  # noqa: E402
-from train.optim import CosineLrSchedule, build_optimizer  # noqa: E402
+from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs  # noqa: E402
 from utils.atomic import atomic_open, check_writable_dir, write_json  # noqa: E402
 from utils.cli import SHAPES_ROOT, number  # noqa: E402
 from utils.cpu import describe  # noqa: E402
@@ -263,7 +263,7 @@ def main(argv=None) -> None:
 
     steps_per_epoch = len(train_set) // args.batch_size
     total_steps = int(args.epochs * steps_per_epoch)
-    warmup = min(args.warmup_epochs, args.epochs / 10)  # as Trainer.__init__
+    warmup = run_warmup_epochs(args.warmup_epochs, args.epochs)  # as the trainer
     if total_steps <= int(warmup * steps_per_epoch):
         raise SystemExit(f"--epochs {args.epochs:g}: {total_steps} steps of {args.batch_size} images, too short")
     stop_step = (total_steps if args.stop_after is None

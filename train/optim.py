@@ -128,6 +128,13 @@ def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_d
     return EfficientDetSGD(param_groups(model, weight_decay), lr=lr, momentum=momentum, clip_norm=clip_norm)
 
 
+def run_warmup_epochs(warmup_epochs: float, epochs: float) -> float:
+    """The warm-up a run of `epochs` uses: at most a tenth of the run. The official cosine runs on `step` over
+    `total - warmup` steps, so a warm-up that is a large share of a short run would send the rate to 0
+    mid-run and back up."""
+    return min(warmup_epochs, epochs / 10)
+
+
 class CosineLrSchedule:
     """Official `cosine_lr_schedule` (`det_model_fn.py`, = `tf2/train_lib.py` `CosineLrSchedule`), per step:
 

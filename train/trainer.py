@@ -46,7 +46,7 @@ from train.freeze import check_freeze_start, freeze_
 from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
-from train.optim import CosineLrSchedule, build_optimizer
+from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs
 from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
 from utils.atomic import append_line, check_writable_dir
@@ -101,9 +101,7 @@ class Trainer:
         global_batch = args.batch_size * self.dist.world_size
         self.lr = args.lr if args.lr is not None else 0.08 * global_batch / 64
         total_steps = int(args.epochs * self.steps_per_epoch)
-        # The official cosine runs on `step` over `total - warmup` steps, so a warm-up that is a large share of a
-        # short run would send the rate to 0 mid-run and back up: keep it within a tenth of the run.
-        warmup = min(args.warmup_epochs, args.epochs / 10)
+        warmup = run_warmup_epochs(args.warmup_epochs, args.epochs)
         if warmup < args.warmup_epochs:
             self._say(f"note: warm-up shortened to {warmup:g} epochs (a tenth of this {args.epochs:g}-epoch run)")
         self.schedule = CosineLrSchedule(self.lr, int(warmup * self.steps_per_epoch), total_steps)
