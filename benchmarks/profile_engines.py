@@ -1,0 +1,197 @@
+"""Where the time goes: our fused PyTorch network against the same network exported to ONNX Runtime, by kind of op.
+
+    python benchmarks/profile_engines.py                 # D0, 512 px, batch 1, fp32, 2 threads
+    python benchmarks/profile_engines.py --batch 8 --runs 5
+
+Network only (no post-processing, which both engines share), one process, the same randomised weights on
+both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed, with the CPU:
+
+* the median wall time per image of `--runs` unprofiled calls, engines interleaved;
+* one profiled call per engine, its time split by kind of op, in ms per image. PyTorch: `torch.profiler` with
+  every `model.fuse.FrozenConv` call marked as a 1x1 (GEMM or oneDNN), depthwise or dense conv (the activation
+  is fused into it) and the other top-level ATen ops by name; ONNX Runtime: its own session profile (one event
+  per graph node, after its graph optimisations), convs classed by weight shape. "not in any op" is the
+  profiled wall time minus the ops: Python and dispatch on the PyTorch side, the session's scheduling on ONNX
+  Runtime's; the op count says how many calls pay that per-op cost.
+
+The profiled call runs slower than the medians (the profiler's own cost, mostly on the PyTorch side); compare
+the kinds of op within a column, and the totals with the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("1x1 conv / GEMM", "depthwise conv", "dense conv (stem)", "SE (mean, FCs, gate)", "max-pool",
+         "upsample", "add / activation", "layout / cast / copy", "other ops", "not in any op")
+_ATEN_KIND = {  # top-level ATen ops outside the marked convs
+    "aten::bmm": "1x1 conv / GEMM", "aten::baddbmm": "1x1 conv / GEMM", "aten::matmul": "1x1 conv / GEMM",
+    "aten::sum": "SE (mean, FCs, gate)", "aten::mul_": "SE (mean, FCs, gate)", "aten::linear": "SE (mean, FCs, gate)",
+    "aten::silu": "SE (mean, FCs, gate)", "aten::sigmoid": "SE (mean, FCs, gate)", "aten::mul": "SE (mean, FCs, gate)",
+    "aten::max_pool2d": "max-pool", "aten::upsample_nearest2d": "upsample",
+    "aten::add": "add / activation", "aten::add_": "add / activation", "aten::silu_": "add / activation",
+    "aten::relu_": "add / activation", "aten::hardtanh_": "add / activation",
+    "aten::to": "layout / cast / copy", "aten::contiguous": "layout / cast / copy", "aten::clone": "layout / cast / copy",
+    "aten::permute": "layout / cast / copy", "aten::view": "layout / cast / copy", "aten::reshape": "layout / cast / copy",
+}
+_ORT_KIND = {
+    "MatMul": "1x1 conv / GEMM", "Gemm": "1x1 conv / GEMM", "FusedMatMul": "1x1 conv / GEMM",
+    "GlobalAveragePool": "SE (mean, FCs, gate)", "ReduceMean": "SE (mean, FCs, gate)",
+    "MaxPool": "max-pool", "Resize": "upsample", "Upsample": "upsample",
+    "Add": "add / activation", "Sum": "add / activation", "Mul": "add / activation", "Sigmoid": "add / activation",
+    "Relu": "add / activation", "Clip": "add / activation", "Div": "add / activation",
+    "ReorderInput": "layout / cast / copy", "ReorderOutput": "layout / cast / copy", "Transpose": "layout / cast / copy",
+    "Reshape": "layout / cast / copy", "Pad": "layout / cast / copy", "Slice": "layout / cast / copy",
+    "Concat": "layout / cast / copy", "QuickGelu": "add / activation",  # QuickGelu: x * sigmoid(x), a fused swish
+}
+
+
+def conv_kind(weight_shape: list[int], pointwise_gemm: bool | None = None) -> str:
+    """Kind of a conv from its weight `[O, I/groups, kh, kw]`."""
+    if weight_shape[-2:] == [1, 1]:
+        return "1x1 conv / GEMM"
+    return "depthwise conv" if weight_shape[1] == 1 else "dense conv (stem)"
+
+
+def profile_torch(network, images) -> tuple[dict[str, float], int, collections.Counter]:
+    """One profiled call of our fused network -> (ms per kind, op count, ms per unclassed op name)."""
+    import torch
+    from torch.autograd.profiler import record_function
+
+    from model.fuse import FrozenConv
+    open_ranges, handles = [], []
+
+    def enter(module, inputs):
+        kind = conv_kind(list(module.weight.shape))
+        open_ranges.append(record_function(f"kind:{kind}"))
+        open_ranges[-1].__enter__()
+
+    def leave(module, inputs, output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    for m in network.modules():
+        if isinstance(m, FrozenConv):
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+    try:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            with record_function("call"):
+                network(images)
+    finally:
+        for h in handles:
+            h.remove()
+    times, count, other = collections.Counter(), 0, collections.Counter()
+    events = prof.events()
+    call = next(e for e in events if e.name == "call")
+    for e in events:
+        if e.name.startswith("kind:"):
+            times[e.name[5:]] += e.cpu_time_total
+            count += 1
+        elif e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == "call":
+            times[_ATEN_KIND.get(e.name, "other ops")] += e.cpu_time_total
+            other[e.name] += 0 if e.name in _ATEN_KIND else e.cpu_time_total / 1000
+            count += 1
+    times["not in any op"] = call.cpu_time_total - sum(times.values())
+    return {k: v / 1000 for k, v in times.items()}, count, other
+
+
+def profile_ort(model_file: Path, array, threads: int, folder: str) -> tuple[dict[str, float], int, collections.Counter]:
+    """One profiled call of the ONNX export on ONNX Runtime (after a warm-up) -> (ms per kind, node count, ms per
+    unclassed op name)."""
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.enable_profiling = True
+    options.profile_file_prefix = str(Path(folder) / "ort")
+    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
+    feed = {session.get_inputs()[0].name: array}
+    for _ in range(3):
+        session.run(None, feed)
+    trace = json.loads(Path(session.end_profiling()).read_text())
+    runs = [e for e in trace if e.get("name") == "model_run"]
+    last = runs[-1]  # the last call: warmed up
+    start, end = last["ts"], last["ts"] + last["dur"]
+    times, count, other = collections.Counter(), 0, collections.Counter()
+    for e in trace:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not start <= e["ts"] <= end:
+            continue
+        op = e["args"]["op_name"]
+        if op in ("Conv", "FusedConv"):
+            shapes = [list(s.values())[0] for s in e["args"].get("input_type_shape", [])]
+            kind = conv_kind(shapes[1])
+        else:
+            kind = _ORT_KIND.get(op, "other ops")
+            other[op] += 0 if op in _ORT_KIND else e["dur"] / 1000
+        times[kind] += e["dur"]
+        count += 1
+    times["not in any op"] = last["dur"] - sum(times.values())
+    return {k: v / 1000 for k, v in times.items()}, count, other
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="d0")
+    parser.add_argument("--size", type=int, default=None, help="image side (default: the variant's)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=15)
+    args = parser.parse_args()
+
+    import torch
+
+    from benchmarks.speed_worker import _name_size, _new_model, export_plain
+    from deploy.backends import OnnxRuntimeNetwork
+    from deploy.sidecar import read_sidecar
+    from model.inference import prepare_for_inference
+    from utils.cpu import describe
+
+    torch.set_num_threads(args.threads)
+    spec = {"variant": args.variant, "size": args.size, "side": "ours", "seed": 0, "engine": "onnxruntime",
+            "batch": args.batch, "precision": "fp32"}
+    name, size = _name_size(spec)
+    images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        export_plain(spec, tmp)
+        ort_net = OnnxRuntimeNetwork(Path(tmp), read_sidecar(tmp), threads=args.threads)
+        ours = prepare_for_inference(_new_model(spec).eval(), "fp32")
+        engines = {"PyTorch (fused)": ours, "ONNX Runtime": ort_net}
+        seconds = collections.defaultdict(list)
+        with torch.inference_mode():
+            for _ in range(3):
+                for net in engines.values():
+                    net(images)
+            for _ in range(args.runs):
+                for label, net in engines.items():
+                    time.sleep(0.1)  # ONNX Runtime's idle threads spin for a while after a call
+                    t = time.perf_counter()
+                    net(images)
+                    seconds[label].append(time.perf_counter() - t)
+            split = {"PyTorch (fused)": profile_torch(ours, images),
+                     "ONNX Runtime": profile_ort(Path(tmp) / ort_net.sidecar["file"], images.numpy(), args.threads, tmp)}
+
+    print(describe())
+    print(f"{name}, {size} px, batch {args.batch}, fp32, {args.threads} threads, network only")
+    labels = list(engines)
+    print("| ms per image | " + " | ".join(labels) + " |")
+    print("|---|" + "---|" * len(labels))
+    print("| median of unprofiled calls | " +
+          " | ".join(f"{statistics.median(seconds[k]) * 1000 / args.batch:.1f}" for k in labels) + " |")
+    print("| one profiled call | " + " | ".join(f"{sum(split[k][0].values()) / args.batch:.1f}" for k in labels) + " |")
+    for kind in KINDS:
+        print(f"| {kind} | " + " | ".join(f"{split[k][0].get(kind, 0.0) / args.batch:.2f}" for k in labels) + " |")
+    print("| op / node calls per batch | " + " | ".join(str(split[k][1]) for k in labels) + " |")
+    for label in labels:
+        other = ", ".join(f"{op} {ms / args.batch:.2f}" for op, ms in split[label][2].most_common(6) if ms)
+        print(f"{label}, other ops (ms per image): {other or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
