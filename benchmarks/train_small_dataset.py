@@ -7,13 +7,19 @@ Dataset: a variant of the built-in shapes generator (`data/shapes.py`): 400 trai
 sides 160-480 px (non-square), 4 classes, 10 % of the images without objects; its COCO jsons are rewritten
 as a user's would look: non-contiguous category ids (3, 7, 12, 20) and 5 % of the annotations marked
 `iscrowd` (dropped in training as official, ignored by the evaluation). The run is
-`main.py -mode trainval --image-size 256 --batch-size 8 --epochs 30` with these files; the table lists the
-EMA weights' val AP per epoch with the mean training loss, and the run folder has `curves.png`.
+`main.py -mode trainval --image-size 256 --batch-size 8 --epochs 30 --val-nms hard` with these files; the table
+lists the EMA weights' val AP per epoch with the mean training loss, and the run folder has `curves.png`.
+
+Overfitting check: the run keeps every epoch's EMA checkpoint (`--keep`), and every `--check-every` epochs
+that checkpoint is also evaluated on the first 100 training images (no augmentation, hard NMS, as the val
+evaluations): a val AP that falls while the train AP keeps rising is memorisation of the 400 images; both
+falling is the optimisation (rate, EMA, BN statistics).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -22,9 +28,10 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.train_runs import eval_rows, median_rate, print_eval_table, run_main  # noqa: E402
+from benchmarks.train_runs import eval_rows, median_rate, print_eval_table, read_json, run_main  # noqa: E402
 from data.shapes import make_shapes_dataset  # noqa: E402
 from train.curves import read_metrics  # noqa: E402
+from train.keep_best import kept_checkpoints  # noqa: E402
 from utils.cpu import describe  # noqa: E402
 
 CATEGORY_IDS = (3, 7, 12, 20)  # a user's ids: not 1..K
@@ -52,6 +59,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--output", default="runs/bench-small", help="run folder (replaced)")
+    parser.add_argument("--check-every", type=int, default=3, help="evaluate every N-th epoch on training images")
     parser.add_argument("extra", nargs="*", help="more main.py flags, after --")
     args = parser.parse_args()
     root = make_shapes_dataset(REPO / args.root, num_train=400, num_val=100, image_size=(160, 480), seed=11,
@@ -66,13 +74,26 @@ def main() -> None:
                         "--train-ann", str(annotations / "train.json"), "--train-images", str(root / "train2017"),
                         "--val-ann", str(annotations / "val.json"), "--val-images", str(root / "val2017"),
                         "--image-size", str(args.image_size), "--batch-size", str(args.batch_size),
-                        "--epochs", str(args.epochs), "--output", str(output), *args.extra])
+                        "--epochs", str(args.epochs), "--output", str(output), "--val-nms", "hard",
+                        "--keep", str(math.ceil(args.epochs)), *args.extra])
     rows = eval_rows(output)
+    train_ap = {}
+    for kept in sorted(kept_checkpoints(output), key=lambda k: k.epoch):
+        if kept.epoch % args.check_every == 0 or kept.epoch == rows[-1]["epoch"]:
+            folder = output / "train-check" / f"epoch{kept.epoch}"
+            run_main(["-mode", "eval", "--weights", str(kept.path), "--val-ann", str(annotations / "train.json"),
+                      "--val-images", str(root / "train2017"), "--max-images", "100", "--nms", "hard",
+                      "--output", str(folder)])
+            train_ap[kept.epoch] = read_json(folder / "metrics_val.json")["stats"]["AP50"]
     print(f"\n{describe()}")
     rate = median_rate(read_metrics(output / "metrics.jsonl"))
     print(f"small dataset, {args.epochs:g} epochs in {seconds / 60:.1f} min, median {rate:.1f} img/s; "
           f"curve: {output / 'curves.png'}")
     print_eval_table(rows)
+    print("\n| epoch | val AP@0.5 | train AP@0.5 (first 100 training images) |\n|---|---|---|")
+    for r in rows:
+        if r["epoch"] in train_ap:
+            print(f"| {r['epoch']} | {r['AP50']:.3f} | {train_ap[r['epoch']]:.3f} |")
 
 
 if __name__ == "__main__":
