@@ -7,12 +7,13 @@ Network only (no post-processing, which both engines share), one process, the sa
 both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed, with the CPU:
 
 * the median wall time per image of `--runs` unprofiled calls, engines interleaved;
-* one profiled call per engine, its time split by kind of op, in ms per image. PyTorch: `torch.profiler` with
+* one profiled call per engine (PyTorch: the last of three), its time split by kind of op, in ms per image. PyTorch: `torch.profiler` with
   every `model.fuse.FrozenConv` call marked as a 1x1 (GEMM or oneDNN), depthwise or dense conv (the activation
   is fused into it) and the other top-level ATen ops by name; ONNX Runtime: its own session profile (one event
   per graph node, after its graph optimisations), convs classed by weight shape. "not in any op" is the
   profiled wall time minus the ops: Python and dispatch on the PyTorch side, the session's scheduling on ONNX
-  Runtime's; the op count says how many calls pay that per-op cost.
+  Runtime's; the op count says how many calls pay that per-op cost;
+* each engine's `--top` costliest convs (summed over the calls with the same input and weight shapes).
 
 The profiled call runs slower than the medians (the profiler's own cost, mostly on the PyTorch side); compare
 the kinds of op within a column, and the totals with the medians.
@@ -62,8 +63,9 @@ def conv_kind(weight_shape: list[int], pointwise_gemm: bool | None = None) -> st
     return "depthwise conv" if weight_shape[1] == 1 else "dense conv (stem)"
 
 
-def profile_torch(network, images) -> tuple[dict[str, float], int, collections.Counter]:
-    """One profiled call of our fused network -> (ms per kind, op count, ms per unclassed op name)."""
+def profile_torch(network, images) -> tuple[dict[str, float], int, collections.Counter, collections.Counter]:
+    """The last of three profiled calls of our fused network -> (ms per kind, op count, ms per unclassed op name,
+    ms per conv shape)."""
     import torch
     from torch.autograd.profiler import record_function
 
@@ -71,8 +73,8 @@ def profile_torch(network, images) -> tuple[dict[str, float], int, collections.C
     open_ranges, handles = [], []
 
     def enter(module, inputs):
-        kind = conv_kind(list(module.weight.shape))
-        open_ranges.append(record_function(f"kind:{kind}"))
+        w = list(module.weight.shape)
+        open_ranges.append(record_function(f"kind:{conv_kind(w)}|x{list(inputs[0].shape)} w{w} s{module.stride}"))
         open_ranges[-1].__enter__()
 
     def leave(module, inputs, output):
@@ -83,29 +85,34 @@ def profile_torch(network, images) -> tuple[dict[str, float], int, collections.C
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
     try:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            with record_function("call"):
-                network(images)
+            for i in range(3):  # the last call is the one read: the profiler's own start-up cost is in the first
+                with record_function(f"call{i}"):
+                    network(images)
     finally:
         for h in handles:
             h.remove()
-    times, count, other = collections.Counter(), 0, collections.Counter()
-    events = prof.events()
-    call = next(e for e in events if e.name == "call")
+    times, count, other, convs = collections.Counter(), 0, collections.Counter(), collections.Counter()
+    call = next(e for e in prof.events() if e.name == "call2")
+    events = [e for e in prof.events() if e.time_range.start >= call.time_range.start
+              and e.time_range.end <= call.time_range.end]
     for e in events:
         if e.name.startswith("kind:"):
-            times[e.name[5:]] += e.cpu_time_total
+            kind, shapes = e.name[5:].split("|")
+            times[kind] += e.cpu_time_total
+            convs[f"{kind}: {shapes}"] += e.cpu_time_total / 1000
             count += 1
-        elif e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == "call":
+        elif e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == "call2":
             times[_ATEN_KIND.get(e.name, "other ops")] += e.cpu_time_total
             other[e.name] += 0 if e.name in _ATEN_KIND else e.cpu_time_total / 1000
             count += 1
     times["not in any op"] = call.cpu_time_total - sum(times.values())
-    return {k: v / 1000 for k, v in times.items()}, count, other
+    return {k: v / 1000 for k, v in times.items()}, count, other, convs
 
 
-def profile_ort(model_file: Path, array, threads: int, folder: str) -> tuple[dict[str, float], int, collections.Counter]:
+def profile_ort(model_file: Path, array, threads: int, folder: str
+                ) -> tuple[dict[str, float], int, collections.Counter, collections.Counter]:
     """One profiled call of the ONNX export on ONNX Runtime (after a warm-up) -> (ms per kind, node count, ms per
-    unclassed op name)."""
+    unclassed op name, ms per conv shape)."""
     import onnxruntime as ort
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
@@ -119,7 +126,7 @@ def profile_ort(model_file: Path, array, threads: int, folder: str) -> tuple[dic
     runs = [e for e in trace if e.get("name") == "model_run"]
     last = runs[-1]  # the last call: warmed up
     start, end = last["ts"], last["ts"] + last["dur"]
-    times, count, other = collections.Counter(), 0, collections.Counter()
+    times, count, other, convs = collections.Counter(), 0, collections.Counter(), collections.Counter()
     for e in trace:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or not start <= e["ts"] <= end:
             continue
@@ -127,13 +134,14 @@ def profile_ort(model_file: Path, array, threads: int, folder: str) -> tuple[dic
         if op in ("Conv", "FusedConv"):
             shapes = [list(s.values())[0] for s in e["args"].get("input_type_shape", [])]
             kind = conv_kind(shapes[1])
+            convs[f"{kind}: x{shapes[0]} w{shapes[1]}"] += e["dur"] / 1000
         else:
             kind = _ORT_KIND.get(op, "other ops")
             other[op] += 0 if op in _ORT_KIND else e["dur"] / 1000
         times[kind] += e["dur"]
         count += 1
     times["not in any op"] = last["dur"] - sum(times.values())
-    return {k: v / 1000 for k, v in times.items()}, count, other
+    return {k: v / 1000 for k, v in times.items()}, count, other, convs
 
 
 def main() -> None:
@@ -143,6 +151,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=15)
+    parser.add_argument("--top", type=int, default=8, help="list each engine's N costliest conv shapes")
     args = parser.parse_args()
 
     import torch
@@ -191,6 +200,11 @@ def main() -> None:
     for label in labels:
         other = ", ".join(f"{op} {ms / args.batch:.2f}" for op, ms in split[label][2].most_common(6) if ms)
         print(f"{label}, other ops (ms per image): {other or 'none'}")
+    for label in labels:
+        print(f"\n{label}, costliest convs (all calls of one input and weight shape; ONNX Runtime's after its "
+              f"layout changes), ms per image:")
+        for conv, ms in split[label][3].most_common(args.top):
+            print(f"  {ms / args.batch:6.2f}  {conv}")
 
 
 if __name__ == "__main__":

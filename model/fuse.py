@@ -7,7 +7,10 @@ about passes over activations and per-call overheads):
   (`torch.ops.mkldnn._convolution_pointwise`, the kernel that `torch.compile` itself emits on CPU) with its
   weight pre-packed once: no separate activation pass. Elsewhere (CUDA, builds without oneDNN, under
   torch.compile) the same module runs `F.conv2d` + the activation.
-* 1x1 convs on small maps as a GEMM: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
+* 1x1 convs on small maps as a GEMM: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us. The GEMM
+  is oneDNN's (`torch.ops.mkldnn._linear_pointwise`, weight pre-packed, activation fused), not `F.linear`'s
+  MKL sgemm + a separate activation pass: 1.2-2x faster on D0's shapes on an AMD EPYC, where MKL's fp32 GEMM
+  reaches ~60 % of the rate of oneDNN's (`benchmarks/profile_engines.py`).
 * TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
   by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
 """
@@ -70,6 +73,7 @@ class FrozenConv(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.float())
         self.stride, self.padding, self.groups, self.act = stride, after, groups, act
         self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._packed_linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (weight, packed)
         self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
 
     @classmethod
@@ -90,11 +94,24 @@ class FrozenConv(nn.Module):
             self._packed = (self.weight, packed)
         return self._packed[1]
 
+    def _linear_weight(self, rows: int) -> torch.Tensor:
+        # oneDNN's packed GEMM weight for `rows` input rows (the packing is tuned to them), made once per shape.
+        cached = self._packed_linear.get(rows)
+        if cached is None or cached[0] is not self.weight:
+            cached = (self.weight, torch.ops.mkldnn._reorder_linear_weight(self.weight.flatten(1), rows))
+            self._packed_linear[rows] = cached
+        return cached[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, _, h, w = x.shape
+        n, c, h, w = x.shape
         if self.pointwise and n * h * w <= GEMM_MAX_PIXELS and x.is_contiguous(memory_format=torch.channels_last):
             # Small maps: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
-            y = nchw(F.linear(nhwc(x), self.weight.flatten(1), self.bias), h, w)
+            rows = nhwc(x).reshape(n * h * w, c)
+            if _onednn(x) and x.dtype == self.weight.dtype:
+                y = torch.ops.mkldnn._linear_pointwise(rows, self._linear_weight(n * h * w), self.bias,
+                                                       *_ONEDNN_ACT[self.act], "")
+                return nchw(y.view(n, h * w, -1), h, w)
+            y = nchw(F.linear(rows, self.weight.flatten(1), self.bias).view(n, h * w, -1), h, w)
             return activation(y, self.act, inplace=True) if self.act else y
         if _onednn(x) and x.dtype == self.weight.dtype:
             return torch.ops.mkldnn._convolution_pointwise(
