@@ -9,8 +9,9 @@ about passes over activations and per-call overheads):
   torch.compile) the same module runs `F.conv2d` + the activation.
 * 1x1 convs on small maps as a GEMM: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us. The GEMM
   is oneDNN's (`torch.ops.mkldnn._linear_pointwise`, weight pre-packed, activation fused), not `F.linear`'s
-  MKL sgemm + a separate activation pass: 1.2-2x faster on D0's shapes on an AMD EPYC, where MKL's fp32 GEMM
-  reaches ~60 % of the rate of oneDNN's (`benchmarks/profile_engines.py`).
+  MKL sgemm + a separate activation pass: 1.17-1.97x faster on D0's GEMM shapes on an AMD EPYC, where MKL's
+  fp32 GEMM reaches 50-80 % of oneDNN's rate (`benchmarks/profile_engines.py`: the P3 class predictor
+  7.1 -> 3.7 ms).
 * TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
   by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
 """
@@ -72,8 +73,7 @@ class FrozenConv(nn.Module):
         self.register_buffer("weight", weight.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
         self.stride, self.padding, self.groups, self.act = stride, after, groups, act
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._packed_linear: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # rows -> (weight, packed)
+        self._packed: dict[str | int, tuple[torch.Tensor, torch.Tensor]] = {}  # "conv" | GEMM rows -> (weight, packed)
         self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
 
     @classmethod
@@ -85,21 +85,13 @@ class FrozenConv(nn.Module):
         has_bias = bn is not None or conv.bias is not None or input_bias is not None
         return cls(w, b if has_bias else None, conv.stride[0], conv.groups, act, pad)
 
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor:
-        # oneDNN's blocked weight layout, made once per dtype (it is valid for every input shape); not a
-        # buffer: an opaque MKLDNN tensor, rebuilt if the module is moved or cast.
-        if self._packed is None or self._packed[0] is not self.weight:
-            packed = torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups, list(x.shape))
-            self._packed = (self.weight, packed)
-        return self._packed[1]
-
-    def _linear_weight(self, rows: int) -> torch.Tensor:
-        # oneDNN's packed GEMM weight for `rows` input rows (the packing is tuned to them), made once per shape.
-        cached = self._packed_linear.get(rows)
+    def _packed_weight(self, key: str | int, pack) -> torch.Tensor:
+        # oneDNN's blocked weight layout, made once by `pack()`: "conv" (valid for every input shape) or, for the
+        # GEMM, per number of rows (its packing is tuned to them). Not buffers: opaque MKLDNN tensors, rebuilt
+        # if the module is moved or cast.
+        cached = self._packed.get(key)
         if cached is None or cached[0] is not self.weight:
-            cached = (self.weight, torch.ops.mkldnn._reorder_linear_weight(self.weight.flatten(1), rows))
-            self._packed_linear[rows] = cached
+            cached = self._packed[key] = (self.weight, pack())
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -108,14 +100,17 @@ class FrozenConv(nn.Module):
             # Small maps: a oneDNN conv call costs ~50 us whatever its size, a GEMM ~5 us.
             rows = nhwc(x).reshape(n * h * w, c)
             if _onednn(x) and x.dtype == self.weight.dtype:
-                y = torch.ops.mkldnn._linear_pointwise(rows, self._linear_weight(n * h * w), self.bias,
-                                                       *_ONEDNN_ACT[self.act], "")
+                packed = self._packed_weight(
+                    n * h * w, lambda: torch.ops.mkldnn._reorder_linear_weight(self.weight.flatten(1), n * h * w))
+                y = torch.ops.mkldnn._linear_pointwise(rows, packed, self.bias, *_ONEDNN_ACT[self.act], "")
                 return nchw(y.view(n, h * w, -1), h, w)
             y = nchw(F.linear(rows, self.weight.flatten(1), self.bias).view(n, h * w, -1), h, w)
             return activation(y, self.act, inplace=True) if self.act else y
         if _onednn(x) and x.dtype == self.weight.dtype:
+            packed = self._packed_weight("conv", lambda: torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups, list(x.shape)))
             return torch.ops.mkldnn._convolution_pointwise(
-                x, self._packed_weight(x), self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
+                x, packed, self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
                 *_ONEDNN_ACT[self.act], "")
         x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
         return activation(x, self.act, inplace=True) if self.act else x
