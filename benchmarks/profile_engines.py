@@ -56,7 +56,7 @@ _ORT_KIND = {
 }
 
 
-def conv_kind(weight_shape: list[int], pointwise_gemm: bool | None = None) -> str:
+def conv_kind(weight_shape: list[int]) -> str:
     """Kind of a conv from its weight `[O, I/groups, kh, kw]`."""
     if weight_shape[-2:] == [1, 1]:
         return "1x1 conv / GEMM"
@@ -103,7 +103,8 @@ def profile_torch(network, images) -> tuple[dict[str, float], int, collections.C
             count += 1
         elif e.name.startswith("aten::") and e.cpu_parent is not None and e.cpu_parent.name == "call2":
             times[_ATEN_KIND.get(e.name, "other ops")] += e.cpu_time_total
-            other[e.name] += 0 if e.name in _ATEN_KIND else e.cpu_time_total / 1000
+            if e.name not in _ATEN_KIND:
+                other[e.name] += e.cpu_time_total / 1000
             count += 1
     times["not in any op"] = call.cpu_time_total - sum(times.values())
     return {k: v / 1000 for k, v in times.items()}, count, other, convs
@@ -137,7 +138,8 @@ def profile_ort(model_file: Path, array, threads: int, folder: str
             convs[f"{kind}: x{shapes[0]} w{shapes[1]}"] += e["dur"] / 1000
         else:
             kind = _ORT_KIND.get(op, "other ops")
-            other[op] += 0 if op in _ORT_KIND else e["dur"] / 1000
+            if op not in _ORT_KIND:
+                other[op] += e["dur"] / 1000
         times[kind] += e["dur"]
         count += 1
     times["not in any op"] = last["dur"] - sum(times.values())
@@ -198,7 +200,7 @@ def main() -> None:
         print(f"| {kind} | " + " | ".join(f"{split[k][0].get(kind, 0.0) / args.batch:.2f}" for k in labels) + " |")
     print("| op / node calls per batch | " + " | ".join(str(split[k][1]) for k in labels) + " |")
     for label in labels:
-        other = ", ".join(f"{op} {ms / args.batch:.2f}" for op, ms in split[label][2].most_common(6) if ms)
+        other = ", ".join(f"{op} {ms / args.batch:.2f}" for op, ms in split[label][2].most_common(6))
         print(f"{label}, other ops (ms per image): {other or 'none'}")
     for label in labels:
         print(f"\n{label}, costliest convs (all calls of one input and weight shape; ONNX Runtime's after its "
