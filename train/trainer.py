@@ -21,7 +21,6 @@ import contextlib
 import json
 import math
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -43,6 +42,7 @@ from train.curves import draw_curves
 from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
 from train.ema import ModelEMA, unwrap_model
 from train.freeze import check_freeze_start, freeze_
+from train.initial_weights import load_initial_weights
 from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
@@ -50,9 +50,8 @@ from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs
 from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
 from utils.atomic import append_line, check_writable_dir
-from utils.cli import DEFAULT_MODEL, REPO, check_download_flag, dataset_paths, resolve_device
-from utils.pretrained import resolve_pretrained
-from utils.weights import atomic_torch_save, load_pth, load_weights
+from utils.cli import DEFAULT_MODEL, dataset_paths, resolve_device
+from utils.weights import atomic_torch_save, load_pth
 
 MAX_NON_FINITE_IN_A_ROW = 5
 LOSS_TERMS = ("loss", "cls_loss", "box_loss")
@@ -81,7 +80,9 @@ class Trainer:
             ann, images = dataset_paths(args, "val")
             self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size, **normalization)
         self.model = build_model(self.model_name, num_classes=self.train_set.num_classes).to(self.device)
-        self._load_initial_weights()
+        started_from = load_initial_weights(self.model, self.model_name, args)
+        if started_from:
+            self._say(started_from)
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         # NHWC trains D0 at 256 px 1.4x (fp32) to 1.6x (bf16 autocast) faster on CPU (benchmarks/speed.py);
@@ -130,33 +131,6 @@ class Trainer:
                             if self.dist.enabled else self.model)
 
     # ---------------------------------------------------------------- set-up
-    def _load_initial_weights(self) -> None:
-        args = self.args
-        check_download_flag(args)
-        if args.backbone_weights:
-            state, _ = load_weights(args.backbone_weights)
-            state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith(("fpn.", "class_net.",
-                                                                                                   "box_net."))}
-            self.model.backbone.load_state_dict(state)
-            self._say(f"backbone initialised from {args.backbone_weights}")
-            return
-        if not (args.pretrained or args.weights):
-            return
-        path = (resolve_pretrained(self.model_name, REPO / "weights", args.download) if args.pretrained
-                else Path(args.weights))
-        state, meta = load_weights(path)
-        if meta.get("model_name") not in (None, self.model_name):
-            raise ValueError(f"--weights {path}: holds {meta['model_name']} weights, not {self.model_name}")
-        own = self.model.state_dict()
-        differ = [k for k in state if k in own and state[k].shape != own[k].shape]
-        if differ and not all(k.startswith("class_net.predict.conv_pw") for k in differ):
-            raise ValueError(f"--weights {path}: shapes differ from {self.model_name} at {', '.join(differ[:4])}")
-        for k in differ:  # another number of classes: keep the fresh prior-initialised class predictor
-            state[k] = own[k]
-        self.model.load_state_dict(state)
-        self._say(f"initialised from {path}" + (f"; class-prediction layer re-initialised for "
-                                                 f"{self.train_set.num_classes} classes" if differ else ""))
-
     def _prepare_run_folder(self) -> None:
         last = self.output / "last.pth"
         if last.exists() and not self.args.resume:
