@@ -95,6 +95,19 @@ def test_freeze_needs_trained_weights_to_start_from(shapes, tmp_path):
         Trainer(_args(shapes, tmp_path / "run", "--freeze", "backbone"))
 
 
+def test_backbone_weights_start_the_backbone_only(shapes, weights, tmp_path, capsys):
+    """`--backbone-weights` takes the backbone of a file (a ported EfficientNet or a whole detector) and
+    leaves the BiFPN and heads at their fresh initialisation."""
+    source = build_model("efficientdet-d0", num_classes=5)
+    source.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    trainer = Trainer(_args(shapes, tmp_path / "run", "--backbone-weights", str(weights)))
+    assert f"backbone initialised from {weights}" in capsys.readouterr().out
+    mine, theirs = trainer.model.state_dict(), source.state_dict()
+    assert all(torch.equal(mine[k], theirs[k]) for k in theirs if k.startswith("backbone."))
+    fpn_weight = "fpn.cells.0.nodes.0.conv.conv_pw.weight"
+    assert not torch.equal(mine[fpn_weight], theirs[fpn_weight])
+
+
 def test_resume_refuses_another_freeze(shapes, weights, tmp_path):
     Trainer(_args(shapes, tmp_path / "plain")).save_last()  # a run folder at step 0
     with pytest.raises(ValueError, match=r"started with other flags: --freeze None -> backbone"):
