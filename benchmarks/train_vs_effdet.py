@@ -19,7 +19,7 @@ What is compared: the two implementations (network, anchors, target assignment, 
 * Evaluation of both EMA copies at `--eval-at` images seen on the same val images with the same pycocotools
   code (`eval.evaluator.evaluate`): ours through `Detector` (the official evaluation path, per-class soft-NMS,
   as `-mode eval`); effdet through its own decoding (`_post_process` + `generate_detections`: its anchors, its
-  gaussian soft-NMS or `--effdet-nms hard`), its boxes scaled back by the same letterbox `image_scale`.
+  gaussian soft-NMS, or both sides per-class hard NMS with `--nms hard`), its boxes scaled back by the same letterbox `image_scale`.
 * Converted conventions (`benchmarks/effdet_adapter.py`): effdet's targets take the same yxyx network-input
   pixel boxes, classes 1-based (it subtracts 1), padding rows cls -1; its detections come back xyxy with
   1-based classes. Checked on the first batch before training: effdet's positive anchors must coincide with
@@ -85,8 +85,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop after this many images (a prefix of the same schedule)")
     parser.add_argument("--val-max-images", type=number(int, 1), default=None,
                         help="evaluate on the first K val images (default: all 200)")
-    parser.add_argument("--effdet-nms", choices=["soft", "hard"], default="soft",
-                        help="effdet's NMS at evaluation (its soft-NMS is a Python loop: seconds per image early on)")
+    parser.add_argument("--nms", choices=["soft", "hard"], default="soft",
+                        help="NMS of both evaluations: soft (ours the official per-class gaussian, effdet its own; "
+                             "effdet's is a Python loop, seconds per image early on) or hard (per class, IoU 0.5)")
     parser.add_argument("--workers", type=number(int, 0), default=2, help="DataLoader worker processes")
     parser.add_argument("--seed", type=number(int, 0), default=0)
     parser.add_argument("--output", default="runs/train-vs-effdet")
@@ -193,8 +194,8 @@ def draw_first_batch(images: torch.Tensor, target: dict, mean_rgb, stddev_rgb, p
 def evaluate_both(sides: dict, val_set: CocoDetection, args) -> dict:
     """COCO stats of both EMA models on the same val images with the same pycocotools code."""
     size = (args.image_size, args.image_size)
-    detectors = {"ours": Detector(sides["ours"].ema.module, size, "eval", "soft"),
-                 "effdet": EffdetDetector(sides["effdet"].ema.module, soft_nms=args.effdet_nms == "soft")}
+    detectors = {"ours": Detector(sides["ours"].ema.module, size, "eval", args.nms),
+                 "effdet": EffdetDetector(sides["effdet"].ema.module, soft_nms=args.nms == "soft")}
     stats = {}
     for name, detector in detectors.items():
         stats[name], _, run = evaluate(detector, val_set, args.batch_size, args.workers, torch.device("cpu"),
@@ -235,8 +236,9 @@ def _rate(images: int, seconds: float) -> float:
 
 
 def markdown_table(rows: list[dict], nms: str) -> str:
-    lines = [f"ours: official per-class soft-NMS; effdet: its own {nms}-NMS (effdet 0.4.1 "
-             f"generate_detections); AP on the same val images, EMA weights",
+    ours = "official per-class soft-NMS" if nms == "soft" else "per-class hard NMS (IoU 0.5)"
+    lines = [f"ours: {ours}; effdet: its own {nms}-NMS (effdet 0.4.1 generate_detections); AP on the same val "
+             f"images, EMA weights",
              "| images seen | ours AP | ours AP@0.5 | effdet AP | effdet AP@0.5 | ours train img/s "
              "| effdet train img/s |",
              "|---|---|---|---|---|---|---|"]
@@ -324,12 +326,12 @@ def main(argv=None) -> None:
                 break
     bar.close()
 
-    table = markdown_table(rows, args.effdet_nms)
+    table = markdown_table(rows, args.nms)
     print(f"\n{describe()}\n{table}")
     command = ["python", "benchmarks/train_vs_effdet.py", *(sys.argv[1:] if argv is None else argv)]
     write_json({"command": " ".join(command),
                 "cpu": describe(), "args": vars(args), "steps": step, "total_steps": total_steps,
-                "nms": {"ours": "soft (official, per class)", "effdet": args.effdet_nms},
+                "nms": args.nms,
                 "conversion_check": check, "rows": rows, "table": table,
                 "non_finite_steps": {n: sides[n].non_finite for n in SIDES},
                 "train_img_per_s_overall": {n: _rate(sides[n].images, sides[n].seconds) for n in SIDES},
