@@ -14,12 +14,14 @@ What is compared: the two implementations (network, anchors, target assignment, 
 * Same optimisation for both: `build_optimizer` (SGD momentum 0.9, official L2 4e-5 on conv/dense weights,
   per-tensor-then-global clipping at 10; effdet's fusion weights are also `edge_weights`, clipped per
   element), the trainer's warm-up + cosine schedule over `--epochs`, `ModelEMA` (0.9998, official warm-up),
-  channels_last on CPU as the trainer, fp32. Each side's steps are timed separately (they alternate, the
-  order swapped every step, in one process, so a noisy neighbour hits both alike).
+  channels_last on CPU as the trainer, fp32, `main.py`'s training allocator setting (`utils/allocator.py`).
+  Each side's steps are timed separately (they alternate, the order swapped every step, in one process, so a
+  noisy neighbour hits both alike).
 * Evaluation of both EMA copies at `--eval-at` images seen on the same val images with the same pycocotools
   code (`eval.evaluator.evaluate`): ours through `Detector` (the official evaluation path, per-class soft-NMS,
   as `-mode eval`); effdet through its own decoding (`_post_process` + `generate_detections`: its anchors, its
-  gaussian soft-NMS, or both sides per-class hard NMS with `--nms hard`), its boxes scaled back by the same letterbox `image_scale`.
+  gaussian soft-NMS), its boxes scaled back by the same letterbox `image_scale`. `--nms hard`: both sides
+  per-class hard NMS (IoU 0.5) instead.
 * Converted conventions (`benchmarks/effdet_adapter.py`): effdet's targets take the same yxyx network-input
   pixel boxes, classes 1-based (it subtracts 1), padding rows cls -1; its detections come back xyxy with
   1-based classes. Checked on the first batch before training: effdet's positive anchors must coincide with
@@ -56,6 +58,8 @@ from train.assign import TargetAssigner  # noqa: E402
 from train.ema import ModelEMA  # noqa: E402
 from train.loss import detection_loss  # noqa: E402
 from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs  # noqa: E402
+from train.trainer import epoch_order  # noqa: E402
+from utils.allocator import reuse_freed_memory  # noqa: E402
 from utils.atomic import atomic_open, check_writable_dir, write_json  # noqa: E402
 from utils.cli import SHAPES_ROOT, number  # noqa: E402
 from utils.cpu import describe  # noqa: E402
@@ -164,8 +168,7 @@ def build_sides(args, num_classes: int, schedule: CosineLrSchedule, lr: float) -
 
 def epoch_loader(train_set: CocoDetection, epoch: int, steps_per_epoch: int, args) -> DataLoader:
     """The trainer's batches of `epoch` (single process): seeded permutation, per-epoch augmentation draws."""
-    order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
-    order = order[: steps_per_epoch * args.batch_size]
+    order = epoch_order(len(train_set), args.seed, epoch, steps_per_epoch * args.batch_size)
     train_set.set_epoch(epoch)
     return DataLoader(Subset(train_set, order.tolist()), batch_size=args.batch_size, num_workers=args.workers,
                       collate_fn=collate_detection, drop_last=True,
@@ -255,6 +258,8 @@ def main(argv=None) -> None:
         raise SystemExit("effdet is not installed: `pip install -r benchmarks/requirements.txt` (effdet==0.4.1, "
                          "the peer of this benchmark)") from None
     output = check_writable_dir(args.output)
+    # Both sides share this process, so both train with main.py's training allocator setting.
+    reuse_freed_memory(training=True)
     config = get_config(MODEL)
     normalization = {"mean_rgb": config.mean_rgb, "stddev_rgb": config.stddev_rgb}
     size = (args.image_size, args.image_size)

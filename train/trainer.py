@@ -189,9 +189,8 @@ class Trainer:
     # ---------------------------------------------------------------- training
     def _loader(self, epoch: int) -> DataLoader:
         """This rank's batches of `epoch`, in a per-epoch seeded order, minus those done before a resume."""
-        order = np.random.default_rng([self.args.seed, epoch]).permutation(len(self.train_set))
-        per_rank = len(self.train_set) // self.dist.world_size
-        mine = order[self.dist.rank::self.dist.world_size][:per_rank][: self.steps_per_epoch * self.args.batch_size]
+        mine = epoch_order(len(self.train_set), self.args.seed, epoch, self.steps_per_epoch * self.args.batch_size,
+                           self.dist.rank, self.dist.world_size)
         done = (self.step - epoch * self.steps_per_epoch) * self.args.batch_size
         self.train_set.set_epoch(epoch)
         return DataLoader(Subset(self.train_set, mine[done:].tolist()), batch_size=self.args.batch_size,
@@ -379,6 +378,14 @@ class Trainer:
                 self.tensorboard.add(record)
             append_line(self.output / "metrics.jsonl",
                         json.dumps({**record, "time": round(time.perf_counter() - self.start_time, 2)}))
+
+
+def epoch_order(num_images: int, seed: int, epoch: int, per_rank: int, rank: int = 0, world_size: int = 1
+                ) -> np.ndarray:
+    """The dataset indices rank `rank` trains on in `epoch`, in order: a permutation seeded by `(seed, epoch)`,
+    dealt round-robin to the ranks, the first `per_rank` (whole batches) of this rank's share."""
+    order = np.random.default_rng([seed, epoch]).permutation(num_images)
+    return order[rank::world_size][:per_rank]
 
 
 def _hms(seconds: float) -> str:
