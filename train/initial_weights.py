@@ -12,7 +12,7 @@ from utils.pretrained import resolve_pretrained
 from utils.weights import load_weights
 
 
-def load_initial_weights(model: EfficientDet, model_name: str, args: argparse.Namespace) -> str | None:
+def load_initial_weights(model: EfficientDet, args: argparse.Namespace) -> str | None:
     """Load the weights the flags ask for into `model` in place; returns what was done, in one line (None
     for a random start).
 
@@ -21,6 +21,7 @@ def load_initial_weights(model: EfficientDet, model_name: str, args: argparse.Na
     ValueError naming the file.
     """
     check_download_flag(args)
+    model_name = model.config.name
     if args.backbone_weights:
         state, _ = load_weights(args.backbone_weights)
         heads = ("fpn.", "class_net.", "box_net.")

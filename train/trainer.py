@@ -80,7 +80,7 @@ class Trainer:
             ann, images = dataset_paths(args, "val")
             self.val_set = CocoDetection(ann, images, train=False, image_size=self.image_size, **normalization)
         self.model = build_model(self.model_name, num_classes=self.train_set.num_classes).to(self.device)
-        started_from = load_initial_weights(self.model, self.model_name, args)
+        started_from = load_initial_weights(self.model, args)
         if started_from:
             self._say(started_from)
         if args.sync_bn and self.dist.enabled:
