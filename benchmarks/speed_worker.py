@@ -23,35 +23,17 @@ sys.path.insert(0, str(ROOT))
 GEMM_SIDE = 2048  # square torch.mm operands of the GEMM peak
 
 
-def _randomise_(model, seed: int) -> None:
-    """Non-trivial weights: a fresh model has BN at identity and zero biases, so its outputs barely vary."""
-    import torch
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if not t.is_floating_point():
-                continue
-            r = torch.rand(t.shape, generator=g)
-            if name.endswith("running_var"):
-                t.copy_(0.5 + 1.5 * r)
-            elif name.endswith("edge_weights") or (t.dim() == 1 and name.endswith("weight")):
-                t.copy_(0.5 + r)  # BN gamma, fusion weights
-            elif t.dim() == 1:
-                t.copy_(0.2 * (r - 0.5))  # biases, BN beta, running_mean
-            if "predict.conv_pw.bias" in name and t.numel() % 90 == 0:
-                t.sub_(4.6)  # keep the class prior
-
-
 def _new_model(spec: dict):
     import torch
     from model import build_model
+    from utils.random_weights import randomise_
     torch.manual_seed(spec["seed"])
     if spec["side"] == "effdet":
         from effdet import create_model
         size = _name_size(spec)[1]  # effdet builds its feature-map sizes from its config's image size
         return create_model(f"tf_efficientdet_{spec['variant']}", pretrained_backbone=False, image_size=(size, size))
     model = build_model(f"efficientdet-{spec['variant']}")
-    _randomise_(model, spec["seed"])
+    randomise_(model, spec["seed"], keep_class_prior=True)
     return model
 
 

@@ -2,22 +2,7 @@
 computing the same network."""
 import torch
 
-
-def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random BN statistics, gammas, betas, biases and fusion weights (a fresh model has identity BNs and zero
-    biases, which would let a wrong fold or a lost bias pass unnoticed); returns the model in eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-            if t.is_floating_point() and t.dim() == 1:
-                r = torch.rand(t.shape, generator=g)
-                if name.endswith("running_var"):
-                    t.copy_(0.5 + 1.5 * r)
-                elif name.endswith("weight") or name.endswith("edge_weights"):
-                    t.copy_(0.5 + r)
-                else:
-                    t.copy_(0.4 * (r - 0.5))
-    return model.eval()
+from utils.random_weights import randomise_  # noqa: F401  (re-exported for the test files)
 
 
 def max_head_delta(outputs, expected) -> float:
