@@ -3,7 +3,7 @@ dataset, and compare their COCO AP at equal numbers of training images seen.
 
     pip install -r benchmarks/requirements.txt     # effdet 0.4.1, the peer (benchmark-only dependency)
     python benchmarks/train_vs_effdet.py            # 12 epochs of the 2000-image split, eval at 4k 8k 16k 24k
-    python benchmarks/train_vs_effdet.py --stop-after 16000 --nms hard   # the README table: 16k of the 24k images
+    python benchmarks/train_vs_effdet.py --nms hard      # the README table (both sides per-class hard NMS)
 
 What is compared: the two implementations (network, anchors, target assignment, loss), everything else equal.
 * Same data: one DataLoader of the shapes train split with `TrainTransform` (the README quick start: 256 px,
