@@ -1,8 +1,14 @@
 """Model helpers shared by the test files: non-trivial weights and inputs for comparing two ways of
 computing the same network."""
+from pathlib import Path
+
 import torch
 
-from utils.random_weights import randomise_  # noqa: F401  (re-exported for the test files)
+from data.coco import CocoDetection
+from data.shapes import make_shapes_dataset
+from model import build_model
+from utils.random_weights import randomise_
+from utils.weights import save_weights
 
 
 def max_head_delta(outputs, expected) -> float:
@@ -48,3 +54,19 @@ def realistic_(model: torch.nn.Module, seed: int = 0, size: int = 256) -> torch.
     for bn in bns:
         bn.momentum = 0.01
     return model.eval()
+
+
+def tiny_shapes_run(folder: Path, randomised: bool) -> tuple[Path, Path]:
+    """A 6-image shapes dataset in `folder/shapes` (2 train, 6 val) and a D0 weight file `folder/w.pth` for its
+    classes at 128 px, as training writes it: fresh weights (seed 0), or with `randomise_`'s BN and biases.
+    Returns `(dataset root, weight file)`."""
+    root = make_shapes_dataset(folder / "shapes", num_train=2, num_val=6, workers=1)
+    val = CocoDetection.from_root(root, "val", image_size=128)
+    torch.manual_seed(0)
+    model = build_model("efficientdet-d0", num_classes=val.num_classes)
+    if randomised:
+        randomise_(model)
+    weights = folder / "w.pth"
+    save_weights(weights, model.state_dict(), model_name="efficientdet-d0", num_classes=val.num_classes,
+                 class_names=val.class_names, class_to_category=val.class_to_category, image_size=128)
+    return root, weights

@@ -8,12 +8,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import main
-from data.shapes import make_shapes_dataset
-from data.coco import CocoDetection
 from eval.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from eval.infer import class_colour
 from model import build_model
 from model.postprocess import Detections
+from model_helpers import tiny_shapes_run
 from utils.weights import save_weights
 
 
@@ -58,16 +57,9 @@ def test_detections_to_coco_converts_yxyx_and_category_ids():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 6-image shapes dataset and random-init D0 weights at 128 px for its classes."""
+    """A 6-image shapes dataset and fresh D0 weights at 128 px for its classes."""
     folder = tmp_path_factory.mktemp("tiny")
-    root = make_shapes_dataset(folder / "shapes", num_train=2, num_val=6, workers=1)
-    val = CocoDetection.from_root(root, "val", image_size=128)
-    torch.manual_seed(0)
-    model = build_model("efficientdet-d0", num_classes=val.num_classes)
-    weights = folder / "w.pth"
-    save_weights(weights, model.state_dict(), model_name="efficientdet-d0", num_classes=val.num_classes,
-                 class_names=val.class_names, class_to_category=val.class_to_category, image_size=128)
-    return root, weights, folder
+    return (*tiny_shapes_run(folder, randomised=False), folder)
 
 
 def test_eval_mode_writes_detections_and_metrics(tiny, capsys):

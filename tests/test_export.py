@@ -12,9 +12,7 @@ from torchvision.ops import box_iou
 
 import main
 from conftest import record_delta
-from model_helpers import max_head_delta, randomise_
-from data.coco import CocoDetection
-from data.shapes import make_shapes_dataset
+from model_helpers import max_head_delta, randomise_, tiny_shapes_run
 from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork, open_backend
 from deploy.export import export_model, onnx_to_openvino
 from deploy.sidecar import make_sidecar, read_sidecar
@@ -126,15 +124,7 @@ def test_with_nms_detections_equal_our_infer_path(ported, photos, plain, tmp_pat
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A 6-image shapes dataset and D0 weights for its classes at 128 px (randomised BN and biases)."""
-    folder = tmp_path_factory.mktemp("tiny")
-    root = make_shapes_dataset(folder / "shapes", num_train=2, num_val=6, workers=1)
-    val = CocoDetection.from_root(root, "val", image_size=128)
-    torch.manual_seed(0)
-    model = randomise_(build_model("efficientdet-d0", num_classes=val.num_classes))
-    weights = folder / "w.pth"
-    save_weights(weights, model.state_dict(), model_name="efficientdet-d0", num_classes=val.num_classes,
-                 class_names=val.class_names, class_to_category=val.class_to_category, image_size=128)
-    return root, weights
+    return tiny_shapes_run(tmp_path_factory.mktemp("tiny"), randomised=True)
 
 
 def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
