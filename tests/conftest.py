@@ -13,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-FIXTURE = ROOT.parent / "shared" / "fixtures" / "tf_reference_d0"
+SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"  # outputs of the official code (read-only, may be absent)
+FIXTURE = SHARED_FIXTURES / "tf_reference_d0"
 _DELTAS: dict[str, tuple[float, float]] = {}
 
 
@@ -35,11 +36,17 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"worst relative to its tolerance: {worst[0]} {worst[1][0]:.3e}")
 
 
+def require_fixture(folder: Path, *files: str) -> Path:
+    """`folder` when it holds each of `files`; otherwise the calling test is skipped, naming what is missing."""
+    missing = [name for name in files if not (folder / name).is_file()]
+    if missing:
+        pytest.skip(f"official reference fixture not found: {folder / missing[0]} (the shared/ folder beside the repo)")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
-    if not (FIXTURE / "model.index").is_file():
-        pytest.skip(f"official TF reference fixture not found at {FIXTURE} (the shared/ folder beside the repo)")
-    return FIXTURE
+    return require_fixture(FIXTURE, "model.index")
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import main
-from conftest import ROOT
+from conftest import SHARED_FIXTURES, require_fixture
 from data import autoaugment as aa
 from data import autoaugment_geometry as geo
 from data.coco import CocoDetection
@@ -19,15 +19,13 @@ from data.transforms import TrainTransform
 from train.trainer import Trainer
 from utils.parity_augment import Replay, augmentation_checks
 
-AUG_FIXTURE = ROOT.parent / "shared" / "fixtures" / "tf_reference_autoaugment"
+AUG_FIXTURE = SHARED_FIXTURES / "tf_reference_autoaugment"
 GREY, RED = 128, (255, 0, 0)
 
 
 @pytest.fixture(scope="module")
 def checks() -> dict[str, dict]:
-    if not (AUG_FIXTURE / "cases.json").is_file():
-        pytest.skip(f"official AutoAugment fixture not found at {AUG_FIXTURE} (the shared/ folder beside the repo)")
-    return augmentation_checks(AUG_FIXTURE)
+    return augmentation_checks(require_fixture(AUG_FIXTURE, "cases.json"))
 
 
 def _failures(checks, predicate) -> dict:

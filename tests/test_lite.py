@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, nhwc, record_delta
+from conftest import SHARED_FIXTURES, nhwc, record_delta, require_fixture
 from data.transforms import preprocess_for_eval
 from model import VARIANTS, AnchorGenerator, build_model, flatten_outputs, get_config
 from model.postprocess import infer_candidates, postprocess
@@ -15,7 +15,7 @@ from tf_writer import write_checkpoint
 from utils.port_tf import PortError, load_tf_state_dict, port_tf_checkpoint
 from utils.tf_checkpoint import TFCheckpointReader
 
-LITE_FIXTURE = ROOT.parent / "shared" / "fixtures" / "tf_reference_lite0"
+LITE_FIXTURE = SHARED_FIXTURES / "tf_reference_lite0"
 NET_TOL = 1e-3
 BOX_TOL, SCORE_TOL = 0.1, 1e-4  # px, score
 LEVELS = range(3, 8)
@@ -86,9 +86,7 @@ def test_relu6_in_training_path():
 
 @pytest.fixture(scope="module")
 def lite_dir():
-    if not (LITE_FIXTURE / "model.index").is_file():
-        pytest.skip(f"official TF Lite0 reference fixture not found at {LITE_FIXTURE}")
-    return LITE_FIXTURE
+    return require_fixture(LITE_FIXTURE, "model.index")
 
 
 @pytest.fixture(scope="module")

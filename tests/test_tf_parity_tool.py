@@ -6,12 +6,12 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURE
+from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
 from parity_runs import parity_run
 from utils import tf_parity
 from utils.parity_checks import FixtureError
 
-FIXTURES = FIXTURE.parent
+FIXTURES = SHARED_FIXTURES
 REQUIRED = {"inference": {"class_outputs", "box_outputs", "anchors", "detections"},
             "training": {"targets", "num_positives", "class_outputs", "box_outputs", "cls_loss", "box_loss",
                          "reg_l2_loss", "total_loss", "grads", "grad_norms", "clipped_grads", "values_after_step",
@@ -39,8 +39,7 @@ def test_every_shared_fixture_is_within_tolerance(folder):
 
 
 def test_json_output_and_exit_code(capsys, monkeypatch):
-    if not (FIXTURE / "reference_outputs.npz").is_file():
-        pytest.skip(f"official TF reference fixture not found at {FIXTURE}")
+    require_fixture(FIXTURE, "reference_outputs.npz")
     monkeypatch.setattr(tf_parity, "run", parity_run)
     assert tf_parity.main([str(FIXTURE), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -103,8 +102,7 @@ def test_main_infer_reproduces_the_official_detections(tmp_path):
     from utils.parity_checks import load_npz
     from utils.parity_inference import detection_checks
 
-    if not (FIXTURE / "model.index").is_file():
-        pytest.skip(f"official TF reference fixture not found at {FIXTURE}")
+    require_fixture(FIXTURE, "model.index")
     weights, out = tmp_path / "d0.pth", tmp_path / "out"
     for argv in (["-m", "utils.port_tf", "--model", "efficientdet-d0", "--checkpoint", str(FIXTURE), "--output",
                   str(weights)],

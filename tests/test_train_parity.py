@@ -5,18 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import FIXTURE
+from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
 from parity_runs import parity_run
 from utils.parity_checks import compare, load_npz, read_meta
 
-TRAIN_FIXTURE = FIXTURE.parent / "tf_reference_d0_train"
+TRAIN_FIXTURE = SHARED_FIXTURES / "tf_reference_d0_train"
 
 
 @pytest.fixture(scope="module")
 def checks():
-    if not (TRAIN_FIXTURE / "train_outputs.npz").is_file() or not (FIXTURE / "model.index").is_file():
-        pytest.skip(f"official training fixture not found at {TRAIN_FIXTURE}")
-    result = parity_run(TRAIN_FIXTURE)
+    require_fixture(FIXTURE, "model.index")  # the weights the training fixture starts from
+    result = parity_run(require_fixture(TRAIN_FIXTURE, "train_outputs.npz"))
     assert result["kind"] == "training"
     return result["checks"]
 
