@@ -11,7 +11,6 @@ from parity_runs import parity_run
 from utils import tf_parity
 from utils.parity_checks import FixtureError
 
-FIXTURES = SHARED_FIXTURES
 REQUIRED = {"inference": {"class_outputs", "box_outputs", "anchors", "detections"},
             "training": {"targets", "num_positives", "class_outputs", "box_outputs", "cls_loss", "box_loss",
                          "reg_l2_loss", "total_loss", "grads", "grad_norms", "clipped_grads", "values_after_step",
@@ -20,13 +19,13 @@ UNSUPPORTED = ("is not a variant of this build", "not supported by this build")
 
 
 def _fixture_dirs():
-    return sorted(p for p in FIXTURES.iterdir() if p.is_dir()) if FIXTURES.is_dir() else []
+    return sorted(p for p in SHARED_FIXTURES.iterdir() if p.is_dir()) if SHARED_FIXTURES.is_dir() else []
 
 
 @pytest.mark.parametrize("folder", _fixture_dirs() or [None], ids=lambda p: p.name if p else "none")
 def test_every_shared_fixture_is_within_tolerance(folder):
     if folder is None:
-        pytest.skip(f"no reference fixtures at {FIXTURES} (the shared/ folder beside the repo)")
+        pytest.skip(f"no reference fixtures at {SHARED_FIXTURES} (the shared/ folder beside the repo)")
     try:
         result = parity_run(folder)
     except FixtureError as e:
