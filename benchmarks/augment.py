@@ -35,7 +35,7 @@ from data import autoaugment as aa  # noqa: E402
 from data.image_io import read_rgb  # noqa: E402
 from data.transforms import TrainTransform  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
-from utils.cpu import cpu_name  # noqa: E402
+from model.cpu import cpu_name  # noqa: E402
 
 
 def make_images(folder: Path, count: int, seed: int = 0) -> list[tuple[Path, np.ndarray]]:

@@ -23,7 +23,7 @@ sys.path.insert(0, str(REPO))
 from model import AnchorGenerator, build_model  # noqa: E402
 from model.postprocess import postprocess  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
-from utils.cpu import describe  # noqa: E402
+from model.cpu import describe  # noqa: E402
 
 FIXTURE = REPO.parent / "shared" / "fixtures" / "tf_reference_d0"
 

@@ -162,7 +162,7 @@ def main() -> None:
     from deploy.backends import OnnxRuntimeNetwork
     from deploy.sidecar import read_sidecar
     from model.inference import prepare_for_inference
-    from utils.cpu import describe
+    from model.cpu import describe
 
     torch.set_num_threads(args.threads)
     spec = {"variant": args.variant, "size": args.size, "side": "ours", "seed": 0, "engine": "onnxruntime",

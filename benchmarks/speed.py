@@ -21,7 +21,7 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   temporary folder by a child process of the worker, before the warm-up and untimed (the exporter's memory is
   not the worker's); `deploy.backends.open_backend` opens it with `--threads` intra-op threads; the timed step
   is that network (numpy in and out) + the same post-processing. ONNX Runtime runs fp32; OpenVINO fp32 and,
-  where `utils.cpu` finds a bf16 path, bf16. A row that cannot run prints its reason above the table.
+  where `model.cpu` finds a bf16 path, bf16. A row that cannot run prints its reason above the table.
 * train (PyTorch only): forward, `train.loss.detection_loss`, backward, `train.optim.build_optimizer`'s step
   (official L2, clipping, momentum SGD), `train.ema.ModelEMA.update`, on both sides; targets assigned once
   beforehand. bf16 = `torch.autocast("cpu", torch.bfloat16)` around the forward, as `train/trainer.py` does.
@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.speed_worker import GEMM_SIDE  # noqa: E402
 from model.config import VARIANTS  # noqa: E402
 from utils.cli import number  # noqa: E402
-from utils.cpu import describe, unsupported_precision  # noqa: E402
+from model.cpu import describe, unsupported_precision  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "speed_worker.py"
 ENGINES = ("torch", "onnxruntime", "openvino")

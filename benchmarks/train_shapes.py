@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from benchmarks.train_runs import eval_rows, median_rate, print_eval_table, read_json, run_main  # noqa: E402
 from train.curves import read_metrics  # noqa: E402
-from utils.cpu import describe  # noqa: E402
+from model.cpu import describe  # noqa: E402
 
 COMMON = ["-mode", "trainval", "-model", "efficientdet-d0", "--data", "shapes", "--val-nms", "hard",
           "--val-max-images", "100"]

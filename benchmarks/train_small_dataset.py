@@ -32,7 +32,7 @@ from benchmarks.train_runs import eval_rows, median_rate, print_eval_table, read
 from data.shapes import make_shapes_dataset  # noqa: E402
 from train.curves import read_metrics  # noqa: E402
 from train.keep_best import kept_checkpoints  # noqa: E402
-from utils.cpu import describe  # noqa: E402
+from model.cpu import describe  # noqa: E402
 
 CATEGORY_IDS = (3, 7, 12, 20)  # a user's ids: not 1..K
 CROWD_FRACTION = 0.05

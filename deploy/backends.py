@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model import EfficientDet
-from utils.cpu import unsupported_precision
+from model.cpu import unsupported_precision
 
 from .export import FORMATS, export_model, require
 from .sidecar import read_sidecar

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.cpu import unsupported_precision
+from .cpu import unsupported_precision
 
 from .bifpn import FUSION_EPS, BiFPN, FNode, ResampleFeatureMap
 from .efficientdet import EfficientDet, check_image_size
@@ -293,7 +293,7 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     `.contiguous()` if a consumer needs NCHW memory).
 
     precision: "fp32", "bf16" (fast on CPUs with AMX / AVX512-BF16) or "fp16" (GPUs; on CPU only where
-        oneDNN has an fp16 path, see `utils.cpu`): a precision this device cannot run is a ValueError.
+        oneDNN has an fp16 path, see `model.cpu`): a precision this device cannot run is a ValueError.
     fuse: BN folding and fused kernels (`FusedEfficientDet`, always NHWC); False keeps the plain module
         (eval mode, autocast for bf16/fp16), which is mainly useful to measure what fusing buys.
     channels_last: NHWC memory layout for the unfused module (the fused one always is).

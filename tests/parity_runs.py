@@ -1,10 +1,10 @@
-"""One run of `utils.tf_parity` per fixture folder and pytest process (the training step takes ~1 minute)."""
+"""One run of `parity.tf_parity` per fixture folder and pytest process (the training step takes ~1 minute)."""
 from __future__ import annotations
 
 import functools
 from pathlib import Path
 
-from utils.tf_parity import run
+from parity.tf_parity import run
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,5 +1,5 @@
 """Box-aware AutoAugment / RandAugment (`data/autoaugment*.py`): parity with the official ops (fixture
-`../shared/fixtures/tf_reference_autoaugment`, compared by `utils.parity_augment`), box geometry on synthetic
+`../shared/fixtures/tf_reference_autoaugment`, compared by `parity.augment`), box geometry on synthetic
 images, seeded determinism, and training with `--autoaugment`."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from data.coco import CocoDetection
 from data.shapes import make_shapes_dataset
 from data.transforms import TrainTransform
 from train.trainer import Trainer
-from utils.parity_augment import Replay, augmentation_checks
+from parity.augment import Replay, augmentation_checks
 
 AUG_FIXTURE = SHARED_FIXTURES / "tf_reference_autoaugment"
 GREY, RED = 128, (255, 0, 0)

@@ -18,7 +18,7 @@ from deploy.export import export_model, onnx_to_openvino
 from deploy.sidecar import make_sidecar, read_sidecar
 from model import AnchorGenerator, build_model
 from model.postprocess import postprocess
-from utils.cpu import unsupported_precision
+from model.cpu import unsupported_precision
 from utils.weights import detector_from_weights, save_weights
 
 TOL = 2e-4  # exported fp32 outputs vs our plain fp32 model

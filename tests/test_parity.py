@@ -2,14 +2,14 @@
 
 The fixture's checkpoint is ported with our numpy-only porter; the reference tensors were produced by the
 official TF code from the same checkpoint (EMA weights) and image. The tensors and the checks are those of
-`python -m utils.tf_parity` (`utils/parity_inference.py`); each tensor's max |delta| goes to the end-of-run report.
+`python -m parity.tf_parity` (`parity/inference.py`); each tensor's max |delta| goes to the end-of-run report.
 """
 import numpy as np
 import pytest
 
 from conftest import record_delta
-from utils.parity_checks import read_meta
-from utils.parity_inference import ANCHOR_TOL, NET_TOL, family_check, network_pairs
+from parity.checks import read_meta
+from parity.inference import ANCHOR_TOL, NET_TOL, family_check, network_pairs
 
 
 @pytest.fixture(scope="module")

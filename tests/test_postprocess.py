@@ -8,7 +8,7 @@ from conftest import record_delta
 from model import AnchorGenerator, build_model, flatten_outputs
 from model import postprocess as nms_module
 from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
-from utils.parity_checks import ported_model
+from parity.checks import ported_model
 
 BOX_TOL, SCORE_TOL = 0.1, 1e-4  # px, score (issue 4)
 

@@ -14,7 +14,7 @@ from model_helpers import max_head_delta, photo_like, randomise_, realistic_
 from model import build_model
 from model import fuse, inference
 from model.inference import FusedEfficientDet, prepare_for_inference
-from utils.cpu import unsupported_precision
+from model.cpu import unsupported_precision
 
 TOL = 1e-4  # issue 5: fused / channels_last / compiled outputs equal the plain model's within 1e-4
 

@@ -1,4 +1,4 @@
-"""`python -m utils.tf_parity`: every fixture in ../shared/fixtures, the JSON schema and the exit codes."""
+"""`python -m parity.tf_parity`: every fixture in ../shared/fixtures, the JSON schema and the exit codes."""
 from __future__ import annotations
 
 import json
@@ -8,8 +8,8 @@ import pytest
 
 from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
 from parity_runs import parity_run
-from utils import tf_parity
-from utils.parity_checks import FixtureError
+from parity import tf_parity
+from parity.checks import FixtureError
 
 REQUIRED = {"inference": {"class_outputs", "box_outputs", "anchors", "detections"},
             "training": {"targets", "num_positives", "class_outputs", "box_outputs", "cls_loss", "box_loss",
@@ -98,8 +98,8 @@ def test_main_infer_reproduces_the_official_detections(tmp_path):
     from PIL import Image
 
     from conftest import ROOT
-    from utils.parity_checks import load_npz
-    from utils.parity_inference import detection_checks
+    from parity.checks import load_npz
+    from parity.inference import detection_checks
 
     require_fixture(FIXTURE, "model.index")
     weights, out = tmp_path / "d0.pth", tmp_path / "out"

@@ -1,5 +1,5 @@
 """One official training step (../shared/fixtures/tf_reference_d0_train) reproduced by the project's training
-code, through the checks of `utils.tf_parity` (see utils/parity_training.py for what runs and the tolerances)."""
+code, through the checks of `parity.tf_parity` (see parity/training.py for what runs and the tolerances)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
 from parity_runs import parity_run
-from utils.parity_checks import compare, load_npz, read_meta
+from parity.checks import compare, load_npz, read_meta
 
 TRAIN_FIXTURE = SHARED_FIXTURES / "tf_reference_d0_train"
 

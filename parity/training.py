@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 from model import AnchorGenerator
-from utils.parity_checks import FixtureError, compare, load_npz, nhwc, ported_model, scalar_check, variant_of
+from parity.checks import FixtureError, compare, load_npz, nhwc, ported_model, scalar_check, variant_of
 from utils.port_tf import tf_to_torch
 from utils.tf_names import efficientdet_names
 
@@ -187,7 +187,7 @@ def _reference(name: str, array: np.ndarray) -> torch.Tensor:
 
 
 def training_checks(folder: Path, meta: dict, ours: dict | None = None) -> dict[str, dict]:
-    """Every check of a training fixture (names: `utils.tf_parity --help`). `ours`: a `run_step` result to
+    """Every check of a training fixture (names: `parity.tf_parity --help`). `ours`: a `run_step` result to
     reuse (the step is run otherwise)."""
     ours = ours if ours is not None else run_step(folder, meta)
     ref = load_npz(folder, "train_outputs.npz", ["cls_loss", "box_loss", "total_loss", "reg_l2_loss"])

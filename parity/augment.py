@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from data import autoaugment as aa
-from utils.parity_checks import FixtureError
+from parity.checks import FixtureError
 
 IMAGE_TOL, BOX_TOL = 0.01, 1e-4
 # ops whose official implementation interpolates / rounds floats: up to 1 % of values may be off by > 1 level

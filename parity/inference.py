@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from model import AnchorGenerator
-from utils.parity_checks import FixtureError, compare, load_npz, nhwc, ported_model, variant_of
+from parity.checks import FixtureError, compare, load_npz, nhwc, ported_model, variant_of
 
 NET_TOL = 1e-3  # absolute, every network tensor (features of magnitude ~20)
 ANCHOR_TOL = 1e-3  # px
@@ -145,7 +145,7 @@ def detection_checks(detections: list[dict], ref: dict[str, np.ndarray], photo_h
 
 
 def inference_checks(folder: Path, meta: dict) -> dict[str, dict]:
-    """Every check of an inference fixture (see `utils.tf_parity --help` for the names)."""
+    """Every check of an inference fixture (see `parity.tf_parity --help` for the names)."""
     from data.transforms import preprocess_for_eval
     from model import get_config
 

@@ -1,4 +1,4 @@
-"""Building blocks of `utils.tf_parity`: one compared quantity = one check, plus the fixture-folder helpers.
+"""Building blocks of `parity.tf_parity`: one compared quantity = one check, plus the fixture-folder helpers.
 
 A check is `{"max_abs": float, "rel": float, "tol": float, "ok": bool}`. A check may cover several tensors
 (e.g. the class outputs of every level): `max_abs` is the largest |ours - reference| over all of them and

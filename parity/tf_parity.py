@@ -1,6 +1,6 @@
 """Check this implementation against a reference folder made by the official TF code.
 
-    python -m utils.tf_parity FIXTURE_DIR [--json]
+    python -m parity.tf_parity FIXTURE_DIR [--json]
 
 The kind of fixture is read off its files: `reference_outputs.npz` -> "inference", `train_outputs.npz` ->
 "training", `autoaugment_cases.npz` -> "augmentation". The variant is meta.json's `model_name`; a training
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from utils.parity_checks import FixtureError, read_meta
+from parity.checks import FixtureError, read_meta
 
 CHECK_HELP = """checks (tol bounds `rel` unless marked [abs]: then `max_abs`; [exact]: equality):
  inference: input_tensor [abs] our preprocessing of the photo; backbone_features, fpn_features,
@@ -35,22 +35,22 @@ CHECK_HELP = """checks (tol bounds `rel` unless marked [abs]: then `max_abs`; [e
    grad_norms (all trainable variables, rel to the largest); grad_global_norm (before and after clipping);
    clipped_grads, momentum, values_after_step (one SGD step), bn_stats (moving statistics after the
    forward), ema (shadows after the step, TF1 det_model_fn convention).
- augmentation: as defined by utils/parity_augment.py."""
+ augmentation: as defined by parity/augment.py."""
 
 
 def _inference(folder: Path, meta: dict) -> dict:
-    from utils.parity_inference import inference_checks
+    from parity.inference import inference_checks
     return inference_checks(folder, meta)
 
 
 def _training(folder: Path, meta: dict) -> dict:
-    from utils.parity_training import training_checks
+    from parity.training import training_checks
     return training_checks(folder, meta)
 
 
 def _augmentation(folder: Path, meta: dict) -> dict:
     try:
-        from utils.parity_augment import augmentation_checks
+        from parity.augment import augmentation_checks
     except ImportError:
         raise FixtureError("augmentation fixtures are not supported by this build") from None
     return augmentation_checks(folder)
@@ -93,7 +93,7 @@ def format_table(result: dict) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.tf_parity", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m parity.tf_parity", description=__doc__.split("\n\n")[0],
                                      epilog=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fixture", type=Path, metavar="FIXTURE_DIR", help="reference folder (see README)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
