@@ -1,10 +1,15 @@
 """Shared test fixtures: the official TF reference fixture (../shared) and a parity report.
 
+Without ../shared the parity tests skip, naming the missing file: a clone alone still runs the rest. With
+EFFICIENTDET_REQUIRE_FIXTURES=1 (set by .ci/run) a missing fixture fails its test instead, so a CI run that
+lost the fixtures cannot pass by skipping every parity test.
+
 Every parity test records the max |delta| of each tensor it compares; the table is printed at the end of
 the run (so CI logs show how close the port is, not just that it passed).
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SHARED_FIXTURES = ROOT.parent / "shared" / "fixtures"  # outputs of the official code (read-only, may be absent)
 FIXTURE = SHARED_FIXTURES / "tf_reference_d0"
+REQUIRE_FIXTURES = "EFFICIENTDET_REQUIRE_FIXTURES"  # "1": a missing reference fixture is a failure, not a skip
 _DELTAS: dict[str, tuple[float, float]] = {}
 
 
@@ -37,11 +43,21 @@ def pytest_terminal_summary(terminalreporter):
 
 
 def require_fixture(folder: Path, *files: str) -> Path:
-    """`folder` when it holds each of `files`; otherwise the calling test is skipped, naming what is missing."""
+    """`folder` when it holds each of `files`; otherwise the calling test stops, naming what is missing
+    (see `missing_fixture`)."""
     missing = [name for name in files if not (folder / name).is_file()]
     if missing:
-        pytest.skip(f"official reference fixture not found: {folder / missing[0]} (the shared/ folder beside the repo)")
+        missing_fixture(f"official reference fixture not found: {folder / missing[0]} "
+                        "(the shared/ folder beside the repo)")
     return folder
+
+
+def missing_fixture(message: str) -> None:
+    """Skip the calling test with `message`, or fail it under EFFICIENTDET_REQUIRE_FIXTURES=1: the one place
+    that decides what an absent reference fixture means."""
+    if os.environ.get(REQUIRE_FIXTURES, "") not in ("", "0"):
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
 
 
 @pytest.fixture(scope="session")
