@@ -14,6 +14,8 @@ quiet machine.
 Table 1: per setting, median and mean ms per image over images x rounds (settings interleaved image by
 image), and the mean relative to no augmentation (the policies draw a random sub-policy per image, so the
 mean is the throughput cost). Table 2: median ms of each op alone at level 10 on the same images.
+
+Its tables live in docs/speed.md (AutoAugment in the data pipeline).
 """
 from __future__ import annotations
 

@@ -13,6 +13,8 @@ Conventions (effdet `anchors.py`, `bench.py`, `loss.py`):
   passes our letterbox `image_scale` (original px per network px) as `img_scale` and no `img_size`, so boxes
   are scaled back exactly as ours and, like our official evaluation path, not clipped; it returns our
   `model.postprocess.Detections` (yxyx, 0-based classes).
+
+Used by `benchmarks/train_vs_effdet.py`, whose table lives in docs/training.md.
 """
 from __future__ import annotations
 

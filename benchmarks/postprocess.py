@@ -5,6 +5,8 @@
 Head outputs come from D0 on the reference photo with the reference fixture's weights when ../shared is there
 (realistic score distributions), else from a randomly initialised D0 (every anchor near the 0.01 prior: the
 worst case for soft-NMS, whose cost grows with the candidates above the 0.001 score threshold).
+
+Its table lives in docs/speed.md (Post-processing).
 """
 from __future__ import annotations
 

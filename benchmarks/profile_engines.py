@@ -17,6 +17,8 @@ both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed
 
 The profiled call runs slower than the medians (the profiler's own cost, mostly on the PyTorch side); compare
 the kinds of op within a column, and the totals with the medians.
+
+Its tables live in docs/speed.md (Where the time goes).
 """
 from __future__ import annotations
 

@@ -42,6 +42,8 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   (infer: all head outputs; train: the head outputs of one training-mode forward with the weights after
   the timed steps). Weights are randomised (BN statistics, biases, fusion weights too) so that the outputs
   are not near-constant.
+
+Its tables live in docs/speed.md (one per CPU; engines, allocator, larger variants, channels_last).
 """
 from __future__ import annotations
 

@@ -6,6 +6,8 @@
 A spec names its `side`: "ours" (this repo's model, run by `engine` "torch", "onnxruntime" or "openvino"),
 "effdet" (the peer) or "gemm" (`torch.mm` of two 2048 x 2048 matrices, for the GEMM peak), with the cell's
 variant, mode, precision, batch, size, threads, seed, warm-up, allocator and the torch path's options.
+
+The tables of `benchmarks/speed.py` live in docs/speed.md.
 """
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 A run is a subprocess (what is timed is exactly the command a user types); its folder holds `metrics.jsonl`
 and the `curves.png` the trainer draws (`train/curves.py`).
+
+The tables of the training benchmarks live in docs/training.md.
 """
 from __future__ import annotations
 

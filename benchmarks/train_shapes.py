@@ -1,14 +1,17 @@
-"""Train EfficientDet-D0 from scratch on the built-in shapes dataset with the README's commands; print tables.
+"""Train EfficientDet-D0 from scratch on the built-in shapes dataset with the documented commands; print tables.
 
-    python benchmarks/train_shapes.py                      # both README recipes, one after the other
+    python benchmarks/train_shapes.py                      # both recipes, one after the other
     python benchmarks/train_shapes.py --recipe quick       # the quick start only
     python benchmarks/train_shapes.py --recipe full -- --amp   # anything after -- goes to main.py
 
-Each recipe is `main.py -mode trainval` exactly as the README gives it (a subprocess, so what is timed is the
-command a user runs; per-epoch evaluation of the EMA weights on the first 100 val images with hard NMS), then
-`main.py -mode eval` of its best.pth on the whole val split with the official soft-NMS path. Printed: the CPU,
-each run's per-evaluation table (images seen, minutes, loss, AP, AP@0.5, APs/m/l) and a summary table. The
-learning curve of each run is `RUN/curves.png` (loss terms, lr, img/s and val AP against images seen).
+Each recipe is `main.py -mode trainval` exactly as README.md (quick start) and docs/training.md (12 epochs)
+give it (a subprocess, so what is timed is the command a user runs; per-epoch evaluation of the EMA weights on
+the first 100 val images with hard NMS), then `main.py -mode eval` of its best.pth on the whole val split with
+the official soft-NMS path. Printed: the CPU, each run's per-evaluation table (images seen, minutes, loss, AP,
+AP@0.5, APs/m/l) and a summary table. The learning curve of each run is `RUN/curves.png` (loss terms, lr,
+img/s and val AP against images seen).
+
+Its tables live in docs/training.md (Training on the shapes dataset).
 """
 from __future__ import annotations
 

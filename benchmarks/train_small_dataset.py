@@ -14,6 +14,8 @@ Overfitting check: the run keeps every epoch's EMA checkpoint (`--keep`), and ev
 that checkpoint is also evaluated on the first 100 training images (no augmentation, hard NMS, as the val
 evaluations): a val AP that falls while the train AP keeps rising is memorisation of the 400 images; both
 falling is the optimisation (rate, EMA, BN statistics).
+
+Its table lives in docs/training.md (A small dataset).
 """
 from __future__ import annotations
 

@@ -3,10 +3,10 @@ dataset, and compare their COCO AP at equal numbers of training images seen.
 
     pip install -r benchmarks/requirements.txt     # effdet 0.4.1, the peer (benchmark-only dependency)
     python benchmarks/train_vs_effdet.py            # 12 epochs of the 2000-image split, eval at 4k 8k 16k 24k
-    python benchmarks/train_vs_effdet.py --nms hard      # the README table (both sides per-class hard NMS)
+    python benchmarks/train_vs_effdet.py --nms hard      # docs/training.md's table (both sides per-class hard NMS)
 
 What is compared: the two implementations (network, anchors, target assignment, loss), everything else equal.
-* Same data: one DataLoader of the shapes train split with `TrainTransform` (the README quick start: 256 px,
+* Same data: one DataLoader of the shapes train split with `TrainTransform` (the README's quick start: 256 px,
   batch 8, jitter 0.5-1.5, flip), in the trainer's seeded per-epoch order; every batch goes to both models.
 * Ours: `build_model`, `TargetAssigner` (official ArgMax matcher), `detection_loss`, as `train/trainer.py`.
   effdet: `create_model(..., bench_task="train", bench_labeler=True, pretrained_backbone=False)`, i.e. its
@@ -30,6 +30,8 @@ What is compared: the two implementations (network, anchors, target assignment, 
 
 Writes OUTPUT/results.json (the table, losses per step, the conversion check), OUTPUT/curves.png (AP@0.5 and
 loss of both against images seen) and OUTPUT/first_batch.png; prints the table as markdown.
+
+Its table and curves live in docs/training.md (Side by side with effdet).
 """
 from __future__ import annotations
 
