@@ -12,7 +12,7 @@ from model import VARIANTS, EfficientDet
 from model.inference import PRECISIONS
 from utils.image_size import HELP as IMAGE_SIZE_HELP
 from utils.image_size import image_size_arg, resolve_image_size
-from utils.pretrained import resolve_pretrained
+from utils.pretrained import MIRROR_ENV, WEIGHTS_DIR_ENV, default_weights_dir, resolve_pretrained
 from utils.weights import detector_from_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,10 +56,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def add_weights_args(parser: argparse.ArgumentParser, required: bool) -> None:
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument("--pretrained", action="store_true",
-                       help="official COCO weights: weights/<model>.pth, ported from weights/<model>/ if needed")
+                       help="official COCO weights: weights/<model>.pth, ported from weights/<model>/ if needed "
+                            f"(weights/ of this repository, or ${WEIGHTS_DIR_ENV})")
     group.add_argument("--weights", metavar="FILE", help="a .pth written by the porter or by training (EMA weights)")
     parser.add_argument("--download", action="store_true",
-                        help="with --pretrained: download and port the official checkpoint if it is missing")
+                        help="with --pretrained: download and port the official checkpoint if it is missing "
+                             f"(from ${MIRROR_ENV} if set)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
@@ -129,7 +131,7 @@ def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
     """
     check_download_flag(args)
     if args.pretrained:
-        path = resolve_pretrained(args.model or DEFAULT_MODEL, REPO / "weights", download_missing=args.download)
+        path = resolve_pretrained(args.model or DEFAULT_MODEL, default_weights_dir(), download_missing=args.download)
     else:
         path = Path(args.weights)
     model, info = detector_from_weights(path, args.model, "--weights")
