@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
+from pathlib import Path
 
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
@@ -35,16 +38,31 @@ def check_label_space(info: dict, dataset: CocoDetection) -> None:
                          f"from those of {dataset.ann_file} {dataset.class_names[:5]}...")
 
 
+def refuse_unwritable_output(path: str | os.PathLike, flag: str = "--output") -> None:
+    """The error `check_writable_dir` would raise for folder `path`, found without creating anything: its
+    nearest existing ancestor must be a folder this process may write in. A run checks its output before
+    any work, but creates it only once its inputs are good: one that fails on them leaves no folder behind."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    reason = None
+    if not existing.is_dir():
+        reason = "exists and is not a folder" if existing == path else os.strerror(errno.ENOTDIR)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES)
+    if reason:
+        raise OSError(f"{flag} {path}: cannot write there ({reason.lower()})")
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.output:  # else the folder is named after the model, known once the weights are read
-        check_writable_dir(args.output)
+        refuse_unwritable_output(args.output)
     model, info = load_detector(args)
-    output = check_writable_dir(args.output or f"runs/eval-{info['model_name']}")
     ann, images = dataset_paths(args, "val")
     dataset = CocoDetection(ann, images, train=False, image_size=info["image_size"], mean_rgb=model.config.mean_rgb,
                             stddev_rgb=model.config.stddev_rgb)
     check_label_space(info, dataset)
+    output = check_writable_dir(args.output or f"runs/eval-{info['model_name']}")  # the inputs are good
     detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile,
                         network_from_args(args, model, info))
     print(f"evaluating {info['model_name']} ({info['source']}) on {ann}: "

@@ -8,11 +8,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import main
+from eval.cli import refuse_unwritable_output
 from eval.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from eval.infer import class_colour
 from model import build_model
 from model.postprocess import Detections
 from model_helpers import tiny_shapes_run
+from utils.atomic import check_writable_dir
 from utils.weights import save_weights
 
 
@@ -76,19 +78,52 @@ def test_eval_mode_writes_detections_and_metrics(tiny, capsys):
     assert {d["category_id"] for d in detections} <= {1, 2, 3, 4, 5}
 
 
-def test_eval_mode_rejects_weights_of_another_label_space(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("output", [None, "out/eval"])
+def test_eval_mode_rejects_weights_of_another_label_space(tiny, tmp_path, capsys, monkeypatch, output):
+    """Refused before any output folder exists: neither the default runs/eval-<model> nor a named one."""
     root, _, _ = tiny
     weights = tmp_path / "w90.pth"
     save_weights(weights, build_model("efficientdet-d0").state_dict(), model_name="efficientdet-d0", num_classes=90)
-    assert main.main(["-mode", "eval", "--weights", str(weights), "--data", str(root), "--workers", "0"]) == 2
+    monkeypatch.chdir(tmp_path)
+    flags = ["--output", output] if output else []
+    assert main.main(["-mode", "eval", "--weights", str(weights), "--data", str(root), "--workers", "0", *flags]) == 2
     assert capsys.readouterr().err.startswith(f"error: --weights {weights}: has 90 classes, but the dataset")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w90.pth"]
+
+
+def test_eval_mode_with_missing_data_creates_no_folder(tiny, tmp_path, capsys, monkeypatch):
+    _, weights, _ = tiny
+    monkeypatch.chdir(tmp_path)
+    assert main.main(["-mode", "eval", "--weights", str(weights), "--data", "nowhere", "--workers", "0"]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and list(tmp_path.iterdir()) == []
+
+
+def _error(check, path) -> str | None:
+    try:
+        check(path)
+    except OSError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("output", ["file", "file/out", "free/out"])
+def test_the_output_check_before_the_inputs_says_what_creating_it_would(tmp_path, output):
+    """`refuse_unwritable_output` runs before the inputs are read and creates nothing; it refuses exactly
+    what `check_writable_dir` (run once they are good) refuses, with the same words."""
+    (tmp_path / "file").write_text("a file, not a folder")
+    early = _error(refuse_unwritable_output, tmp_path / output)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]  # nothing created
+    late = _error(check_writable_dir, tmp_path / output)
+    assert early == late and (late is None) == (output == "free/out")
 
 
 def test_missing_pretrained_weights_say_how_to_get_them(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("utils.cli.REPO", tmp_path)
+    monkeypatch.chdir(tmp_path)
     assert main.main(["-mode", "eval", "-model", "efficientdet-d4", "--pretrained", "--data", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "efficientdet-d4.tar.gz" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_infer_mode_png_and_json_agree(tiny, tmp_path, capsys):
