@@ -1,10 +1,12 @@
 """Check this implementation against a reference folder made by the official TF code.
 
-    python -m parity.tf_parity FIXTURE_DIR [--json]
+    python -m parity.tf_parity FIXTURE_DIR [--json] [--float64]
 
 The kind of fixture is read off its files: `reference_outputs.npz` -> "inference", `train_outputs.npz` ->
 "training", `autoaugment_cases.npz` -> "augmentation". The variant is meta.json's `model_name`; a training
-fixture names its checkpoint in `checkpoint.path` (relative to the folder). Exit status: 0 all checks within
+fixture names its checkpoint in `checkpoint.path` (relative to the folder); with `--float64` the trainer's step
+runs in float64 against the official step in float64 (`train_outputs_float64.npz`), every check within 1e-7
+(`parity.training.FLOAT64_TOL`). Exit status: 0 all checks within
 tolerance, 1 some check out of tolerance, 2 the folder cannot be checked (one-line error on stderr).
 
 Another module adds a kind with `KINDS[name] = function(folder: Path, meta: dict) -> {check: {"max_abs",
@@ -43,9 +45,9 @@ def _inference(folder: Path, meta: dict) -> dict:
     return inference_checks(folder, meta)
 
 
-def _training(folder: Path, meta: dict) -> dict:
+def _training(folder: Path, meta: dict, float64: bool = False) -> dict:
     from parity.training import training_checks
-    return training_checks(folder, meta)
+    return training_checks(folder, meta, float64=float64)
 
 
 def _augmentation(folder: Path, meta: dict) -> dict:
@@ -72,17 +74,20 @@ def detect_kind(folder: Path) -> str:
     return kinds[0]
 
 
-def run(folder: Path) -> dict:
-    """`{"model", "kind", "checks", "ok"}` for the fixture at `folder` (raises FixtureError when unusable)."""
+def run(folder: Path, float64: bool = False) -> dict:
+    """`{"model", "kind", "float64", "checks", "ok"}` for the fixture at `folder` (raises FixtureError when
+    unusable); `float64`: the float64 comparison of a training fixture."""
     kind = detect_kind(folder)
+    if float64 and not (kind == "training" and (folder / "train_outputs_float64.npz").is_file()):
+        raise FixtureError(f"{folder}: --float64 needs a training fixture with train_outputs_float64.npz")
     meta = read_meta(folder) if kind != "augmentation" or (folder / "meta.json").is_file() else {}
-    checks = KINDS[kind](folder, meta)
-    return {"model": meta.get("model_name"), "kind": kind, "checks": checks,
+    checks = _training(folder, meta, float64=True) if float64 else KINDS[kind](folder, meta)
+    return {"model": meta.get("model_name"), "kind": kind, "float64": float64, "checks": checks,
             "ok": all(c["ok"] for c in checks.values())}
 
 
 def format_table(result: dict) -> str:
-    lines = [f"{result['model']} ({result['kind']} fixture)",
+    lines = [f"{result['model']} ({result['kind']} fixture{', float64' if result.get('float64') else ''})",
              f"{'check':<22} {'max |Δ|':>10} {'rel':>10} {'tol':>8}  ok"]
     for name, c in result["checks"].items():
         lines.append(f"{name:<22} {c['max_abs']:>10.3e} {c['rel']:>10.3e} {c['tol']:>8.0e}  "
@@ -97,9 +102,12 @@ def main(argv=None) -> int:
                                      epilog=CHECK_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("fixture", type=Path, metavar="FIXTURE_DIR", help="reference folder (see README)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    parser.add_argument("--float64", action="store_true",
+                        help="training fixture: run our step in float64 and compare it with the official float64 "
+                             "step (train_outputs_float64.npz), every check within 1e-7")
     args = parser.parse_args(argv)
     try:
-        result = run(args.fixture)
+        result = run(args.fixture, args.float64)
     except (FixtureError, ValueError, OSError) as e:  # FixtureError: the folder; others: this build cannot run it
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -59,6 +59,12 @@ def test_out_of_tolerance_exits_1_and_kinds_are_extensible(tmp_path, capsys, mon
     assert "bad" in table and "FAIL" in table and "OUT OF TOLERANCE: bad" in table
 
 
+def test_float64_needs_a_training_fixture_with_its_float64_file(capsys):
+    require_fixture(FIXTURE, "reference_outputs.npz")
+    assert tf_parity.main([str(FIXTURE), "--float64"]) == 2
+    assert "--float64 needs a training fixture with train_outputs_float64.npz" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("case, message", [
     ("empty", "expected exactly one of reference_outputs.npz"),
     ("no_meta", "no meta.json"),

@@ -5,7 +5,8 @@
     box_loss   = sum of Huber(delta) over box-target entries != 0 / (4 * normaliser)
     loss       = cls_loss + box_loss_weight * box_loss
 
-Everything is computed in float32 whatever the dtype of the model outputs. The focal loss is one autograd
+Everything is computed in float32 for float32 / bf16 / fp16 (autocast) outputs, and in float64 for a float64
+model (`loss_dtype`; the parity's exact step, `parity.training`). The focal loss is one autograd
 node that keeps only the logits for backward (the gradient is recomputed), instead of the half-dozen
 `[B, A, C]` temporaries a composition of elementwise ops would hold on to (D0: B x 49,104 x 90 each).
 """
@@ -17,6 +18,11 @@ import torch.nn.functional as F
 from model import flatten_outputs
 
 from .assign import IGNORE
+
+
+def loss_dtype(outputs: torch.Tensor) -> torch.dtype:
+    """The dtype the loss of `outputs` is computed in: at least float32 (float64 stays float64)."""
+    return torch.promote_types(outputs.dtype, torch.float32)
 
 
 def _signed_logits(logits: torch.Tensor, positive_index: torch.Tensor) -> torch.Tensor:
@@ -101,17 +107,18 @@ class _SigmoidFocalLoss(torch.autograd.Function):
 
 def focal_loss_sum(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float = 0.25, gamma: float = 1.5,
                    label_smoothing: float = 0.0) -> torch.Tensor:
-    """Unnormalised focal loss: `logits [B, A, C]` (any float dtype, computed in float32), `cls_targets [B, A]`
-    int64 (class >= 0 positive, -1 background, -2 ignored) -> scalar."""
-    return _SigmoidFocalLoss.apply(logits.float().contiguous(), cls_targets, alpha, gamma, label_smoothing)
+    """Unnormalised focal loss: `logits [B, A, C]` (any float dtype, computed in `loss_dtype`), `cls_targets
+    [B, A]` int64 (class >= 0 positive, -1 background, -2 ignored) -> scalar."""
+    return _SigmoidFocalLoss.apply(logits.to(loss_dtype(logits)).contiguous(), cls_targets, alpha, gamma,
+                                   label_smoothing)
 
 
 @torch.no_grad()
 def focal_loss_per_anchor(logits: torch.Tensor, cls_targets: torch.Tensor, alpha: float = 0.25,
                           gamma: float = 1.5, label_smoothing: float = 0.0) -> torch.Tensor:
-    """The terms of `focal_loss_sum` summed over classes only: `[B, A]` float32 (no gradient), for inspection
-    (the official per-anchor loss map before normalisation)."""
-    logits = logits.float()
+    """The terms of `focal_loss_sum` summed over classes only: `[B, A]` in `loss_dtype` (no gradient), for
+    inspection (the official per-anchor loss map before normalisation)."""
+    logits = logits.to(loss_dtype(logits))
     return torch.stack([_SigmoidFocalLoss.per_anchor(image_logits, targets, alpha, gamma, label_smoothing)
                         for image_logits, targets in zip(logits, cls_targets)])
 
@@ -122,8 +129,9 @@ def box_loss_sum(box_outputs: torch.Tensor, box_targets: torch.Tensor, delta: fl
     Official `_box_loss`: `tf.losses.huber_loss(weights=box_targets != 0, reduction=SUM)`. The mask is per
     entry: a positive anchor whose target is exactly 0 in a coordinate has no loss there.
     """
-    box_targets = box_targets.float()
-    loss = F.huber_loss(box_outputs.float(), box_targets, reduction="none", delta=delta)
+    dtype = loss_dtype(box_outputs)
+    box_targets = box_targets.to(dtype)  # float32 targets (as official) are exact in float64
+    loss = F.huber_loss(box_outputs.to(dtype), box_targets, reduction="none", delta=delta)
     return torch.where(box_targets != 0, loss, 0.0).sum()
 
 
@@ -146,11 +154,12 @@ def detection_loss(cls_outputs: list[torch.Tensor], box_outputs: list[torch.Tens
             `tf2/train_lib.py` with `positives_momentum` < 0 averages `positives + 1` over the replicas:
             the same as here up to the +1, counted there once per replica.)
     Returns:
-        `{"loss", "cls_loss", "box_loss", "num_positives"}`, float32 scalars; only "loss" is optimised.
+        `{"loss", "cls_loss", "box_loss", "num_positives"}`, scalars in `loss_dtype` (float32, float64 for a
+        float64 model); only "loss" is optimised.
     """
     cls_logits, box_preds = flatten_outputs(cls_outputs, box_outputs)
     with torch.autocast(cls_logits.device.type, enabled=False):
-        normaliser = num_positives.float() + 1.0 / num_replicas
+        normaliser = num_positives.to(loss_dtype(cls_logits)) + 1.0 / num_replicas
         cls_loss = focal_loss_sum(cls_logits, cls_targets, alpha, gamma, label_smoothing) / normaliser
         box_loss = box_loss_sum(box_preds, box_targets, delta) / (4.0 * normaliser)
     return {"loss": cls_loss + box_loss_weight * box_loss, "cls_loss": cls_loss, "box_loss": box_loss,

@@ -66,7 +66,8 @@ def clip_gradients_(parameters: Iterable[torch.Tensor], max_norm: float,
     grads += [g for p in per_element if p.grad is not None for g in p.grad.view(-1).unbind()]  # in-place views
     if not grads:
         return torch.tensor(0.0)
-    norms = torch.stack(torch._foreach_norm(grads)).float()
+    norms = torch.stack(torch._foreach_norm(grads))
+    norms = norms.to(torch.promote_types(norms.dtype, torch.float32))  # float32, float64 for a float64 model
     torch._foreach_mul_(grads, list((max_norm / norms.clamp(min=max_norm)).unbind()))
     global_norm = torch.linalg.vector_norm(norms.clamp(max=max_norm))  # norms after the per-tensor clip
     scale = max_norm / global_norm.clamp(min=max_norm)
@@ -117,9 +118,11 @@ class EfficientDetSGD(torch.optim.SGD):
     def reg_l2_loss(self) -> torch.Tensor:
         """The official `reg_l2_loss` value, `sum over groups of l2 * sum(v^2) / 2` (the step adds its
         gradient; the value is only reported)."""
-        terms = [group["l2"] * sum(p.float().square().sum() for p in group["params"]) / 2
+        dtype = next((torch.promote_types(p.dtype, torch.float32) for g in self.param_groups for p in g["params"]),
+                     torch.float32)  # the model's: float32, float64 for a float64 model
+        terms = [group["l2"] * sum(p.to(dtype).square().sum() for p in group["params"]) / 2
                  for group in self.param_groups if group.get("l2", 0.0)]
-        return sum(terms, torch.tensor(0.0))
+        return sum(terms, torch.tensor(0.0, dtype=dtype))
 
 
 def build_optimizer(model: nn.Module, lr: float, momentum: float = 0.9, weight_decay: float = 4e-5,

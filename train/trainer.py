@@ -17,7 +17,6 @@ only (`train.freeze`).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import time
@@ -34,19 +33,19 @@ from data.coco import CocoDetection, collate_detection
 from data.transforms import TrainTransform
 from eval.coco_eval import evaluate_coco
 from eval.evaluator import Detector, readable_image_ids, run_detection
-from model import AnchorGenerator, build_model, get_config
+from model import build_model, get_config
 from model.config import BN_MOMENTUM
 from utils.image_size import resolve_image_size
-from train.assign import TargetAssigner
 from train.curves import draw_curves
-from train.distributed import all_agree, all_mean, broadcast, cleanup, gather_lists, init_distributed
-from train.ema import ModelEMA, unwrap_model
+from train.distributed import broadcast, cleanup, gather_lists, init_distributed
+from train.ema import unwrap_model
 from train.freeze import check_freeze_start, freeze_
 from train.initial_weights import load_initial_weights
 from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
-from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs
+from train.optim import run_warmup_epochs
+from train.step import LOSS_TERMS, TrainStep, lr_schedule  # noqa: F401 (LOSS_TERMS: read here by callers)
 from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
 from utils.atomic import append_line, check_writable_dir
@@ -54,7 +53,6 @@ from utils.cli import DEFAULT_MODEL, dataset_paths, resolve_device
 from utils.weights import atomic_torch_save, load_pth
 
 MAX_NON_FINITE_IN_A_ROW = 5
-LOSS_TERMS = ("loss", "cls_loss", "box_loss")
 
 
 class Trainer:
@@ -85,11 +83,6 @@ class Trainer:
             self._say(started_from)
         if args.sync_bn and self.dist.enabled:
             self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
-        # NHWC trains D0 at 256 px 1.4x (fp32) to 1.6x (bf16 autocast) faster on CPU (benchmarks/speed.py);
-        # same gradients up to rounding (tests/test_speed_paths.py). Unmeasured on CUDA, so NCHW there.
-        self.memory_format = (torch.channels_last if self.device.type == "cpu" and not args.nchw
-                              else torch.contiguous_format)
-        self.model = self.model.to(memory_format=self.memory_format)
         frozen = freeze_(self.model, args.freeze)  # before the optimiser is built: it leaves them out
         if frozen:
             self._say(f"frozen (weights and BN statistics): {' and '.join(frozen)}")
@@ -99,24 +92,15 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"--batch-size {args.batch_size}: the training set has {len(self.train_set)} images, "
                              f"fewer than one batch per process ({self.dist.world_size} process(es))")
-        global_batch = args.batch_size * self.dist.world_size
-        self.lr = args.lr if args.lr is not None else 0.08 * global_batch / 64
-        total_steps = int(args.epochs * self.steps_per_epoch)
-        warmup = run_warmup_epochs(args.warmup_epochs, args.epochs)
-        if warmup < args.warmup_epochs:
-            self._say(f"note: warm-up shortened to {warmup:g} epochs (a tenth of this {args.epochs:g}-epoch run)")
-        self.schedule = CosineLrSchedule(self.lr, int(warmup * self.steps_per_epoch), total_steps)
-        self.total_steps = total_steps
-        self.optimizer = build_optimizer(self.model, self.lr, weight_decay=args.weight_decay,
-                                         clip_norm=args.clip_norm or None)
-        self.scheduler = self.schedule.scheduler(self.optimizer)
-        self.ema = ModelEMA(self.model, args.ema_decay)
-        cuda_fp16 = args.amp and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda_fp16)
-        self.amp_dtype = (torch.float16 if cuda_fp16 else torch.bfloat16) if args.amp else None
-        generator = AnchorGenerator.from_config(self.model.config)
-        self.assigner = TargetAssigner.from_generator(generator, self.image_size, self.device,
-                                                      method=args.assigner)
+        schedule = lr_schedule(args, self.steps_per_epoch, args.batch_size * self.dist.world_size)
+        if run_warmup_epochs(args.warmup_epochs, args.epochs) < args.warmup_epochs:
+            self._say(f"note: warm-up shortened to {args.epochs / 10:g} epochs (a tenth of this {args.epochs:g}-epoch "
+                      f"run)")
+        self.schedule, self.lr, self.total_steps = schedule, schedule.base_lr, schedule.total_steps
+        self.step_fn = TrainStep.from_flags(self.model, args, self.image_size, schedule, self.device, self.dist,
+                                            loss=detection_loss)
+        self.optimizer, self.scheduler, self.ema = self.step_fn.optimizer, self.step_fn.scheduler, self.step_fn.ema
+        self.scaler, self.assigner, self.amp_dtype = self.step_fn.scaler, self.step_fn.assigner, self.step_fn.amp_dtype
         self.step, self.epoch, self.best_ap, self.non_finite = 0, 0, -1.0, 0
         self.eval_pending = False  # an epoch-end evaluation a signal made the run skip: done first on resume
         self.in_a_row = 0  # non-finite losses in a row (across epochs)
@@ -126,9 +110,9 @@ class Trainer:
         if args.resume:
             self._resume()
         self.tensorboard = TensorBoardLog(self.output) if args.tensorboard and self.dist.is_main else None
-        self.train_model = (DistributedDataParallel(self.model, device_ids=[self.device.index]
-                                                    if self.device.type == "cuda" else None)
-                            if self.dist.enabled else self.model)
+        if self.dist.enabled:
+            self.step_fn.train_model = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- set-up
     def _prepare_run_folder(self) -> None:
@@ -200,37 +184,12 @@ class Trainer:
 
     def forward_losses(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor
                        ) -> dict[str, torch.Tensor]:
-        """This process's `detection_loss` of a batch (`images [B, 3, S, S]`, padded `gt_boxes [B, M, 4]` yxyx
-        pixels, `gt_classes [B, M]`) through the training model, with autograd.
-
-        Under DDP each process normalises by the positives of the whole global batch (their mean over the
-        processes, as the multi-replica `tf2/train_lib.py`), so that DDP's averaged gradient and the mean of
-        the processes' losses do not depend on how the global batch is split over processes.
-        """
-        targets = self.assigner(gt_boxes, gt_classes)
-        autocast = (torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype
-                    else contextlib.nullcontext())
-        with autocast:
-            cls_outs, box_outs = self.train_model(images.contiguous(memory_format=self.memory_format))
-        return detection_loss(cls_outs, box_outs, targets.cls_targets, targets.box_targets,
-                              all_mean(targets.num_positives, self.dist), label_smoothing=self.args.label_smoothing,
-                              num_replicas=self.dist.world_size)
+        """This process's losses of a batch through the training model, with autograd (`TrainStep.forward`)."""
+        return self.step_fn.forward(images, gt_boxes, gt_classes).losses
 
     def train_step(self, images: torch.Tensor, gt_boxes: torch.Tensor, gt_classes: torch.Tensor) -> dict | None:
-        """One optimisation step; returns the global batch's losses (under DDP: the mean over the processes,
-        the positives summed), or None when the loss was not finite (step skipped)."""
-        losses = self.forward_losses(images, gt_boxes, gt_classes)
-        if not all_agree(bool(torch.isfinite(losses["loss"])), self.dist, self.device):
-            self.optimizer.zero_grad(set_to_none=True)
-            return None
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.ema.update(self.model)
-        terms = all_mean(torch.stack([losses[k].detach() for k in LOSS_TERMS]), self.dist).tolist()
-        return {**dict(zip(LOSS_TERMS, terms)), "num_positives": float(losses["num_positives"]) * self.dist.world_size}
+        """One optimisation step (`TrainStep`): the global batch's losses, or None when not finite (skipped)."""
+        return self.step_fn(images, gt_boxes, gt_classes)
 
     def fit(self, max_steps: int | None = None) -> dict:
         """Train to the end (or for `max_steps` more steps, then save and stop). Returns the last metrics.

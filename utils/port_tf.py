@@ -94,13 +94,14 @@ def check_variant(info: dict, model_name: str, prefix: str) -> None:
     raise PortError(f"{prefix}: " + "; ".join(diffs) + hint)
 
 
-def tf_to_torch(tf_name: str, array: np.ndarray) -> torch.Tensor:
-    """TF layouts -> PyTorch: conv kernel HWIO -> OIHW, depthwise HWC1 -> C1HW, the rest unchanged."""
+def tf_to_torch(tf_name: str, array: np.ndarray, dtype: np.dtype = np.float32) -> torch.Tensor:
+    """TF layouts -> PyTorch: conv kernel HWIO -> OIHW, depthwise HWC1 -> C1HW, the rest unchanged; values in
+    `dtype` (float32 for the model; `parity.training` keeps a float64 reference's float64)."""
     if tf_name.endswith("depthwise_kernel"):
         array = array.transpose(2, 3, 0, 1)
     elif tf_name.endswith("kernel"):
         array = array.transpose(3, 2, 0, 1) if array.ndim == 4 else array.T
-    return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(array, dtype=dtype))
 
 
 def _summarise(names, limit: int = 8) -> str:
