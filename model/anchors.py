@@ -97,7 +97,14 @@ class AnchorGenerator:
 
 
 class BoxCoder:
-    """Faster R-CNN box coder without scale factors: deltas (ty, tx, th, tw) relative to yxyx anchors."""
+    """Faster R-CNN box coder without scale factors: deltas (ty, tx, th, tw) relative to yxyx anchors.
+
+    Encoding and decoding take the centre of a box in two ways, as the official code does: `encode` (the
+    training targets) as `min + (max - min) / 2` (`object_detection/box_list.get_center_coordinates_and_sizes`),
+    `decode` (inference) as `(min + max) / 2` (`tf2/anchors.decode_box_outputs`). In float32 the two round
+    differently, and the loss sees it: a gt centre that is an anchor centre in exact arithmetic gets a tiny
+    non-zero target from the official coder (e.g. tx = -4.2e-8), which the loss's `box_targets != 0` mask keeps.
+    """
 
     @staticmethod
     def _centers_sizes(boxes: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -105,9 +112,15 @@ class BoxCoder:
         return (ymin + ymax) / 2, (xmin + xmax) / 2, ymax - ymin, xmax - xmin
 
     def encode(self, boxes: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-        """Boxes `[..., 4]` yxyx and anchors `[..., 4]` yxyx -> deltas `[..., 4]` (ty, tx, th, tw)."""
-        yc, xc, h, w = self._centers_sizes(boxes)
-        yca, xca, ha, wa = self._centers_sizes(anchors)
+        """Boxes `[..., 4]` yxyx and anchors `[..., 4]` yxyx -> deltas `[..., 4]` (ty, tx, th, tw).
+
+        Official `faster_rcnn_box_coder._encode`, op for op (float32 in, float32 out bit for bit):
+        sizes `max - min`, centres `min + size / 2`, 1e-8 added to the four sizes, then
+        `((y - ya) / ha, (x - xa) / wa, log(h / ha), log(w / wa))`.
+        """
+        (ymin, xmin, ymax, xmax), (ymin_a, xmin_a, ymax_a, xmax_a) = boxes.unbind(-1), anchors.unbind(-1)
+        h, w, ha, wa = ymax - ymin, xmax - xmin, ymax_a - ymin_a, xmax_a - xmin_a
+        yc, xc, yca, xca = ymin + h / 2, xmin + w / 2, ymin_a + ha / 2, xmin_a + wa / 2
         ha, wa, h, w = ha + BOX_CODER_EPS, wa + BOX_CODER_EPS, h + BOX_CODER_EPS, w + BOX_CODER_EPS
         return torch.stack([(yc - yca) / ha, (xc - xca) / wa, torch.log(h / ha), torch.log(w / wa)], -1)
 

@@ -9,6 +9,7 @@ import torch
 
 from model import AnchorGenerator, BoxCoder, get_config
 from train.assign import TargetAssigner, _k_nearest, box_iou
+from train.loss import box_loss_sum
 
 
 def assign(anchors, gt_boxes, gt_classes, **kwargs):
@@ -119,6 +120,54 @@ def test_iou_batch_equals_official_matcher_per_image():
     positive = t.cls_targets >= 0
     assert t.num_positives.item() == positive.sum().item() > 0
     assert (t.box_targets[~positive] == 0).all()
+
+
+def _official_encode_float32(boxes: np.ndarray, anchors: np.ndarray) -> np.ndarray:
+    """`faster_rcnn_box_coder._encode` with `box_list.get_center_coordinates_and_sizes`, in numpy float32, op
+    for op: size = max - min, centre = min + size / 2, sizes + 1e-8, then (dy / ha, dx / wa, log, log)."""
+    def centres_sizes(b):
+        ymin, xmin, ymax, xmax = b.T
+        h, w = ymax - ymin, xmax - xmin
+        return ymin + h / np.float32(2), xmin + w / np.float32(2), h, w
+    (yc, xc, h, w), (yca, xca, ha, wa) = centres_sizes(boxes), centres_sizes(anchors)
+    eps = np.float32(1e-8)
+    ha, wa, h, w = ha + eps, wa + eps, h + eps, w + eps
+    return np.stack([(yc - yca) / ha, (xc - xca) / wa, np.log(h / ha), np.log(w / wa)], -1)
+
+
+def test_box_targets_follow_the_official_float32_arithmetic_where_centres_coincide():
+    """A gt box whose x-centre (80) is the centre of P5 anchors (stride 32): in exact arithmetic tx = 0 there,
+    but the official float32 coder takes the anchor centre as `xmin + (xmax - xmin) / 2`, which for the
+    aspect-2 anchor [-10.51, 170.51] is not 80, and gets tx = -4.2146844e-08. The loss mask
+    `box_targets != 0` keeps that element, so it must be kept here too: same targets, same mask, same loss."""
+    generator = AnchorGenerator.from_config(get_config("efficientdet-d0"))
+    assigner = TargetAssigner.from_generator(generator, (512, 512))
+    gt_boxes, gt_classes = torch.tensor([[[30.0, 16.0, 150.0, 144.0]]]), torch.tensor([[3]])
+    targets = assigner(gt_boxes, gt_classes)
+    positive = torch.nonzero(targets.cls_targets[0] >= 0).squeeze(1)
+    anchors = generator((512, 512))[positive].numpy()
+    ours = targets.box_targets[0, positive].numpy()
+    official = _official_encode_float32(np.repeat(gt_boxes[0].numpy(), len(positive), 0), anchors)
+    assert np.array_equal(ours[:, :2], official[:, :2])  # ty, tx: bit for bit
+    np.testing.assert_allclose(ours[:, 2:], official[:, 2:], rtol=1e-6)  # th, tw: log, within float32 ulps
+    assert np.array_equal(ours != 0, official != 0)
+
+    # Positive anchors centred on x = 80 in exact arithmetic (their float32 corners are rounded).
+    on_centre = np.abs((anchors[:, 1].astype(np.float64) + anchors[:, 3]) / 2 - 80.0) < 1e-4
+    tiny = on_centre & (ours[:, 1] != 0)
+    assert on_centre.sum() == 8 and tiny.sum() == 2 and np.all(ours[tiny, 1] == np.float32(-4.2146844e-08))
+    assert np.all(anchors[tiny, 3] - anchors[tiny, 1] > 181)  # the aspect-2 anchors (width 128 sqrt(2))
+    assert np.all(np.float32(80) - (anchors[tiny, 1] + anchors[tiny, 3]) / np.float32(2) == 0)  # (min + max) / 2
+
+    # The box loss includes those two elements (Huber at delta 0.1 of outputs 0.05 against the targets).
+    outputs = torch.full_like(targets.box_targets, 0.05)
+    d = 0.05 - official.astype(np.float64)
+    huber = np.where(np.abs(d) <= 0.1, 0.5 * d ** 2, 0.1 * np.abs(d) - 0.005)
+    expected = huber[official != 0].sum()
+    assert float(box_loss_sum(outputs, targets.box_targets)) == pytest.approx(expected, rel=1e-6)
+    exact_zero = official != 0
+    exact_zero[tiny, 1] = False  # the mask exact arithmetic (or a (min + max) / 2 centre) would give
+    assert expected - huber[exact_zero].sum() == pytest.approx(2 * 0.5 * 0.05 ** 2, rel=1e-5)
 
 
 def test_atss_threshold_mean_plus_unbiased_std():

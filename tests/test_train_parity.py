@@ -1,5 +1,7 @@
-"""One official training step (../shared/fixtures/tf_reference_d0_train) reproduced by the project's training
-code, through the checks of `parity.tf_parity` (see parity/training.py for what runs and the tolerances)."""
+"""One official training step (../shared/fixtures/tf_reference_d0_train) reproduced by the trainer's own step
+(`train.step.TrainStep`), through the checks of `parity.tf_parity` (see parity/training.py for what runs and
+the tolerances): in float32 against the official float32 step, and in float64 against the official float64
+step (`--float64`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -57,3 +59,25 @@ def test_ema_follows_the_tf1_trainer(checks):
              for v in meta["chosen_variables"]]
     assert compare(pairs, checks["ema"]["tol"])["rel"] > 10 * checks["ema"]["tol"]
     assert np.isclose(ref["ema_decay_tf1_trainer"], 2 / 11)
+
+
+@pytest.fixture(scope="module")
+def exact_checks():
+    require_fixture(FIXTURE, "model.index")
+    result = parity_run(require_fixture(TRAIN_FIXTURE, "train_outputs_float64.npz"), float64=True)
+    assert result["kind"] == "training" and result["float64"]
+    return result["checks"]
+
+
+def test_float64_step_equals_the_official_float64_step(exact_checks):
+    """`python -m parity.tf_parity ../shared/fixtures/tf_reference_d0_train --float64`: the trainer's step in
+    float64 against the official step in float64, every check (gradients upstream of the heads, clipping,
+    the SGD step, BN statistics and EMA included) within one tolerance, 1e-7 relative; class targets,
+    matches and positives identical. The input images are float32 data in both runs: checked in float32."""
+    exact = ("targets", "num_positives")
+    assert {c["tol"] for n, c in exact_checks.items() if n not in exact} == {1e-7}
+    assert all(exact_checks[n]["max_abs"] == 0 for n in exact)
+    assert set(exact_checks) >= {"grads", "grads_upstream", "grad_norms", "grad_global_norm", "clipped_grads",
+                                 "momentum", "values_after_step", "bn_stats", "ema", "box_targets"}
+    assert "images" not in exact_checks
+    _assert_ok(exact_checks, *exact_checks)
