@@ -1,0 +1,209 @@
+"""Inference-side flags from the command line: `-mode infer|eval --precision bf16|fp16` and `--compile` reach
+the network the detector runs; `-mode summary` reports the variant's parameters; `-mode export
+--dynamic-batch --with-nms` writes an ONNX file with a dynamic batch axis and the NMS outputs.
+
+`--compile` is checked without compiling (inductor takes minutes on a 2-core CPU): `torch.compile` is replaced
+by a recorder that returns the module, so the test sees what would be compiled and that it runs."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import main
+from deploy.graph import DetectionGraph
+from eval.evaluator import Detector
+from model import build_model
+from model.cpu import unsupported_precision
+from model.inference import PRECISIONS, FusedEfficientDet, _CompileOrEager
+from model_helpers import tiny_shapes_run
+from utils.weights import detector_from_weights
+
+EXPORT_SIZE = 64  # the smallest export worth its time: D0 accepts it, ONNX Runtime runs it
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny inputs gain nothing from a second thread, and on a busy 2-core machine a 2-thread pool waits for a
+    preempted thread at every op; the results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 6-image shapes dataset, D0 weights for it at 128 px (randomised BN and biases: varied scores), and a
+    folder with one of its images."""
+    folder = tmp_path_factory.mktemp("tiny")
+    root, weights = tiny_shapes_run(folder, randomised=True)
+    images = folder / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes((root / "val2017" / "000001.jpg").read_bytes())
+    return root, weights, images
+
+
+@pytest.fixture
+def detectors(monkeypatch):
+    """Every `Detector` built while the test runs (what -mode eval / infer run their images through)."""
+    built = []
+    real_init = Detector.__init__
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append(self)
+    monkeypatch.setattr(Detector, "__init__", init)
+    return built
+
+
+def _run(mode, tiny, output, *flags) -> int:
+    root, weights, images = tiny
+    if mode == "infer":
+        argv = ["-mode", "infer", "--images", str(images), "--threshold", "0"]
+    else:
+        argv = ["-mode", "eval", "--data", str(root), "--workers", "0", "--max-images", "2", "--nms", "hard"]
+    return main.main([*argv, "--weights", str(weights), "--output", str(output), "--device", "cpu", *flags])
+
+
+def _result_file(mode, output):
+    return output / ("detections.json" if mode == "infer" else "metrics_val.json")
+
+
+# ---------------------------------------------------------------- --precision
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("mode", ["infer", "eval"])
+def test_precision_flag_reaches_the_network(tiny, tmp_path, detectors, mode, precision):
+    reason = unsupported_precision(precision)
+    if reason:
+        pytest.skip(reason)
+    assert _run(mode, tiny, tmp_path / "out", "--precision", precision) == 0
+    assert len(detectors) == 1
+    network = detectors[0].model
+    assert isinstance(network, FusedEfficientDet) and network.dtype == PRECISIONS[precision]
+    assert {b.dtype for b in network.buffers() if b.is_floating_point()} == {PRECISIONS[precision]}
+    assert _result_file(mode, tmp_path / "out").is_file()
+
+
+def test_infer_bf16_detections_are_fp32_ones_rounded(tiny, tmp_path):
+    """The effect on what infer writes: the same leading detection, with a score changed by bf16 rounding."""
+    reason = unsupported_precision("bf16")
+    if reason:
+        pytest.skip(reason)
+    found = {}
+    for precision in ("fp32", "bf16"):
+        assert _run("infer", tiny, tmp_path / precision, "--precision", precision) == 0
+        found[precision] = json.loads((tmp_path / precision / "detections.json").read_text())
+    best = {p: max(dets, key=lambda d: d["score"]) for p, dets in found.items()}
+    assert best["bf16"]["class"] == best["fp32"]["class"]
+    assert best["bf16"]["score"] == pytest.approx(best["fp32"]["score"], abs=0.05)
+    assert [d["score"] for d in found["bf16"]] != [d["score"] for d in found["fp32"]]
+
+
+def test_precision_this_cpu_cannot_run_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    """fp16 on a CPU without oneDNN's fp16 kernels (this one, if `unsupported_precision` says so; else a CPU
+    made to say so): the reason as the one error line, exit status 2, no detections written."""
+    reason = unsupported_precision("fp16")
+    if reason is None:
+        reason = "precision fp16 is not supported on this CPU (simulated)"
+        monkeypatch.setattr("model.inference.unsupported_precision",
+                            lambda precision, device="cpu": None if precision == "fp32" else reason)
+    assert _run("infer", tiny, tmp_path / "out", "--precision", "fp16") == 2
+    assert capsys.readouterr().err == f"error: {reason}\n"
+    assert not (tmp_path / "out" / "detections.json").exists()
+
+
+# ---------------------------------------------------------------- --compile
+@pytest.mark.parametrize("mode", ["infer", "eval"])
+def test_compile_flag_wraps_the_network_in_torch_compile(tiny, tmp_path, detectors, monkeypatch, mode):
+    compiled, calls = [], []
+
+    def fake_compile(module, **kwargs):
+        compiled.append((module, kwargs))
+
+        def run(images):
+            calls.append(images.shape)
+            return module(images)
+        return run
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert _run(mode, tiny, tmp_path / "out", "--compile") == 0
+    network = detectors[0].model
+    assert isinstance(network, _CompileOrEager) and isinstance(network.module, FusedEfficientDet)
+    assert len(compiled) == 1 and compiled[0][0] is network.module
+    assert compiled[0][1]["options"]["freezing"] is True
+    assert calls and not network.failed  # the images went through the compiled callable
+    assert _result_file(mode, tmp_path / "out").is_file()
+
+
+def test_without_compile_flag_nothing_is_compiled(tiny, tmp_path, detectors, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda *args, **kwargs: pytest.fail("torch.compile called"))
+    assert _run("infer", tiny, tmp_path / "out") == 0
+    assert isinstance(detectors[0].model, FusedEfficientDet)
+
+
+# ---------------------------------------------------------------- -mode summary
+@pytest.mark.parametrize("name", ["efficientdet-d0", "efficientdet-lite0"])
+def test_summary_names_the_variant_and_counts_its_parameters(name, capsys):
+    assert main.main(["-mode", "summary", "-model", name]) == 0
+    header, row, *rest = capsys.readouterr().out.splitlines()
+    assert not rest and header.split()[:3] == ["model", "image", "params"]
+    cells = row.split()
+    assert cells[0] == name
+    assert int(cells[2].replace(",", "")) == sum(p.numel() for p in build_model(name).parameters())
+
+
+# ---------------------------------------------------------------- -mode export
+@pytest.mark.parametrize("flags, batch_size, with_nms", [
+    ([], 1, False), (["--batch-size", "3"], 3, False), (["--dynamic-batch"], None, False),
+    (["--with-nms"], 1, True), (["--dynamic-batch", "--with-nms"], None, True)])
+def test_export_flags_reach_the_exporter(tiny, tmp_path, monkeypatch, flags, batch_size, with_nms):
+    _, weights, _ = tiny
+    seen = []
+
+    def record(model, info, output, fmt, image_hw, batch, precision="fp32", nms=False):
+        seen.append((fmt, image_hw, batch, nms))
+        return output / "model.json"
+    monkeypatch.setattr("deploy.cli.export_model", record)
+    assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--output",
+                      str(tmp_path / "x"), *flags]) == 0
+    assert seen == [("onnx", (128, 128), batch_size, with_nms)]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """One real export, `--dynamic-batch --with-nms`, at 64 px: (folder, the model of the weights)."""
+    _, weights, _ = tiny
+    folder = tmp_path_factory.mktemp("export") / "onnx"
+    assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--image-size",
+                      str(EXPORT_SIZE), "--dynamic-batch", "--with-nms", "--output", str(folder)]) == 0
+    model, _ = detector_from_weights(weights)
+    return folder, model.eval()
+
+
+def test_export_dynamic_batch_with_nms_onnx(exported):
+    """The file has a symbolic batch axis and the four NMS outputs; ONNX Runtime runs it at batch 1 and 3 and
+    finds, image by image, the detections of the exported graph run eagerly (our infer path)."""
+    import onnx
+    import onnxruntime as ort
+    folder, model = exported
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    (images_input,) = graph.input
+    dims = images_input.type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # dynamic
+    assert [d.dim_value for d in dims[1:]] == [3, EXPORT_SIZE, EXPORT_SIZE]
+    assert [o.name for o in graph.output] == ["boxes", "scores", "classes", "num_valid"]
+    sidecar = json.loads((folder / "model.json").read_text())
+    assert sidecar["input"]["batch"] == "dynamic" and sidecar["with_nms"] is True
+
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    images = torch.randn(3, 3, EXPORT_SIZE, EXPORT_SIZE, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = DetectionGraph(model, (EXPORT_SIZE, EXPORT_SIZE))(images)
+    for batch in (images[:1], images):
+        boxes, scores, classes, num_valid = session.run(None, {"images": batch.numpy()})
+        n = len(batch)
+        assert boxes.shape == (n, 100, 4) and scores.shape == classes.shape == (n, 100) and num_valid.shape == (n,)
+        assert np.array_equal(num_valid, expected[3][:n].numpy()) and num_valid.min() > 0
+        assert np.array_equal(classes, expected[2][:n].numpy())
+        assert np.abs(scores - expected[1][:n].numpy()).max() <= 1e-4
+        assert np.abs(boxes - expected[0][:n].numpy()).max() <= 0.05
