@@ -16,7 +16,7 @@ from data.coco import CocoDetection, collate_detection
 from eval.coco_eval import detections_to_coco, evaluate_coco
 from model import AnchorGenerator, EfficientDet
 from model.config import parse_image_size
-from model.inference import prepare_for_inference
+from model.inference import check_finite, prepare_for_inference
 from model.postprocess import Detections, postprocess
 
 
@@ -30,7 +30,7 @@ class Detector(nn.Module):
     as `prepare_for_inference` makes it (BN folded, fused kernels, `precision` "fp32"/"bf16"/"fp16",
     optionally `torch.compile`d), or as `network` runs it when given: any callable `images -> (cls_outs,
     box_outs)` with the plain model's layouts, e.g. an exported model on another engine (`deploy.backends`);
-    post-processing always runs in float32.
+    post-processing always runs in float32. Non-finite network outputs are a RuntimeError (`check_finite`).
     """
 
     def __init__(self, model: EfficientDet, image_size: int | tuple[int, int], mode: str = "eval", nms: str = "soft",
@@ -39,12 +39,13 @@ class Detector(nn.Module):
         self.image_size = parse_image_size(image_size)
         self.model = network if network is not None else prepare_for_inference(
             model, precision, compile=compile, image_size=self.image_size)
-        self.mode, self.nms = mode, nms
+        self.mode, self.nms, self.precision = mode, nms, precision
         self.anchors = AnchorGenerator.from_config(model.config)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
         cls_outs, box_outs = self.model(images)
+        check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
         anchors = self.anchors(self.image_size, images.device)
         return postprocess(cls_outs, box_outs, anchors, scales, self.image_size, self.mode, self.nms)
 
@@ -65,21 +66,22 @@ def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, w
                         pin_memory=device.type == "cuda")
     results, images_done, failures = [], 0, []
     start = time.perf_counter()
-    bar = tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True, leave=False)
-    for images, targets in loader:
-        failures += targets["failures"]
-        if bad_images is not None:
-            bad_images.add(targets["failures"])
-        if images is None:  # every image of the batch failed
-            bar.update(targets["num_failed"])
-            continue
-        scales = torch.tensor(targets["scales"], dtype=torch.float32, device=device)
-        dets = detector(images.to(device, non_blocking=True), scales)
-        results += detections_to_coco(dets, targets["image_ids"].tolist(), dataset.class_to_category)
-        images_done += len(images)
-        bar.update(len(images) + targets["num_failed"])
-        bar.set_postfix(img_s=f"{images_done / (time.perf_counter() - start):.1f}", dets=len(results))
-    bar.close()
+    # `with`: an error mid-run clears the bar first, so its message stands on a line of its own
+    with tqdm(total=len(subset), desc="detect", unit="img", disable=not progress, dynamic_ncols=True,
+              leave=False) as bar:
+        for images, targets in loader:
+            failures += targets["failures"]
+            if bad_images is not None:
+                bad_images.add(targets["failures"])
+            if images is None:  # every image of the batch failed
+                bar.update(targets["num_failed"])
+                continue
+            scales = torch.tensor(targets["scales"], dtype=torch.float32, device=device)
+            dets = detector(images.to(device, non_blocking=True), scales)
+            results += detections_to_coco(dets, targets["image_ids"].tolist(), dataset.class_to_category)
+            images_done += len(images)
+            bar.update(len(images) + targets["num_failed"])
+            bar.set_postfix(img_s=f"{images_done / (time.perf_counter() - start):.1f}", dets=len(results))
     seconds = time.perf_counter() - start
     return results, {"images": images_done, "failed": len(failures), "seconds": seconds,
                      "img_per_s": images_done / max(seconds, 1e-9)}, failures

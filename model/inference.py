@@ -42,8 +42,29 @@ def spatial_mean(flat: torch.Tensor) -> torch.Tensor:
     fastest form measured in both precisions. A GEMV with a `1/(H*W)` row was ~2x slower and, accumulating
     one pixel after another, drifted by up to 1e-3 over the constant padding of a letterboxed photo
     (6e-4 .. 6e-3 on the head outputs of real weights); `mean()` is ~10x slower in bf16 (float casts).
+
+    fp16 tops out at 65,504: a sum over a 256x256 map of activations near 1 passes it and turns the whole
+    network's output into NaN/inf (seen on the ported fixture weights at 512 px), so there the sum is
+    returned in float32 (ATen accumulates in float32 anyway) and scaled before it is cast back. bf16 has
+    float32's exponent range and keeps the faster form.
     """
+    if flat.dtype == torch.float16:
+        return flat.sum(1, dtype=torch.float32).mul_(1.0 / flat.shape[1]).to(torch.float16)
     return flat.sum(1).mul_(1.0 / flat.shape[1])
+
+
+def check_finite(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor], precision: str) -> None:
+    """Raise a RuntimeError if any network output holds NaN or inf.
+
+    A non-finite logit never passes a score threshold, so a network that overflows (e.g. fp16 past 65,504)
+    would otherwise look like an image with no objects. One sum per output: a sum is finite only if every
+    element is (float32 outputs of logits cannot overflow it).
+    """
+    sums = torch.stack([t.float().sum() for t in cls_outs + box_outs])
+    if not bool(torch.isfinite(sums).all()):
+        hint = ("this precision overflows on these weights or inputs; use --precision fp32"
+                if precision != "fp32" else "the weights hold NaN/inf (e.g. a diverged training run)")
+        raise RuntimeError(f"the network's outputs are not finite (NaN or inf) at precision {precision}: {hint}")
 
 
 class FusedMBConv(nn.Module):

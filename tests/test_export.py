@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
 import main
 from conftest import record_delta
-from model_helpers import max_head_delta, randomise_, tiny_shapes_run
+from model_helpers import randomise_, tiny_shapes_run
+from precision_helpers import UNIT_ROUNDOFF, assert_close_in_roundoff, decided_detections, relative_errors
 from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork, open_backend
 from deploy.export import export_model, onnx_to_openvino
 from deploy.sidecar import make_sidecar, read_sidecar
@@ -21,7 +21,11 @@ from model.postprocess import postprocess
 from model.cpu import unsupported_precision
 from utils.weights import detector_from_weights, save_weights
 
-TOL = 2e-4  # exported fp32 outputs vs our plain fp32 model
+# Exported fp32 outputs vs our plain fp32 model, as norm-wise relative errors (class logits, box outputs) in
+# units of float32's unit roundoff u = 2^-24. Measured on the D0 fixture photo (AMD EPYC): OpenVINO 5 u / 31 u
+# (as our fused path: 5 u / 28 u), ONNX Runtime 31 u / 284 u (its CPU kernels round differently: max |delta|
+# 1.2e-4 on logits of magnitude ~10). Bounds ~4x ONNX Runtime's; a lost bias or wrong fold is >= 1e5 u.
+ENGINE_FP32_BOUND = (128.0, 1024.0)
 FIXTURE_INFO = {"model_name": "efficientdet-d0", "num_classes": 90, "class_names": None,
                 "class_to_category": None, "source": "tf_reference_d0"}
 
@@ -50,17 +54,25 @@ def d0(ported, tmp_path_factory):
     return folder, read_sidecar(folder / "onnx"), ov_sidecar
 
 
+def _assert_fp32_engine_close(name: str, outputs, reference) -> None:
+    u = UNIT_ROUNDOFF["fp32"]
+    for head, error, bound in zip(("class logits", "box outputs"), relative_errors(outputs, reference),
+                                  ENGINE_FP32_BOUND):
+        record_delta(f"{name} vs plain, {head} (units of u)", torch.tensor(error / u), 0.0, bound)
+        assert error <= bound * u, f"{name} {head}: {error:.2e} = {error / u:.0f} u"
+
+
 def test_onnxruntime_fp32_equals_plain(d0, photos, plain):
     """Batch 1 export, batch 2 input: run image by image, each as the plain model computes it."""
     folder, sidecar, _ = d0
-    delta = max_head_delta(OnnxRuntimeNetwork(folder / "onnx", sidecar)(photos), plain)
-    assert record_delta("ONNX Runtime fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
+    _assert_fp32_engine_close("ONNX Runtime fp32, D0 fixture", OnnxRuntimeNetwork(folder / "onnx", sidecar)(photos),
+                              plain)
 
 
 def test_openvino_fp32_equals_plain(d0, photos, plain):
     folder, _, ov_sidecar = d0
-    delta = max_head_delta(OpenVinoNetwork(folder / "openvino", ov_sidecar)(photos), plain)
-    assert record_delta("OpenVINO fp32 vs plain, D0 fixture", delta, 0.0, TOL) <= TOL
+    _assert_fp32_engine_close("OpenVINO fp32, D0 fixture", OpenVinoNetwork(folder / "openvino", ov_sidecar)(photos),
+                              plain)
 
 
 def _detections(outputs, image_hw=(512, 512)):
@@ -68,22 +80,20 @@ def _detections(outputs, image_hw=(512, 512)):
     return postprocess(*outputs, anchors, torch.ones(len(outputs[0][0])), image_hw, "infer", "hard")
 
 
-def _same(a, i, b, j) -> bool:
-    """Detection i of image 0 in `a` and j in `b`: same class, boxes with IoU >= 0.85."""
-    return bool(a.classes[0, i] == b.classes[0, j]) and float(box_iou(a.boxes[0, i:i + 1], b.boxes[0, j:j + 1])) >= 0.85
-
-
-def test_openvino_bf16_keeps_the_top_detections(d0, photos, plain):
-    """The rule of the torch bf16 path (tests/test_speed_paths.py): fp32's three leaders are bf16's top 3,
-    and its top 10 are among bf16's top 20."""
+def test_openvino_bf16_is_close_and_keeps_the_decided_detections(d0, photos, plain):
+    """The criteria of the torch bf16 paths (tests/test_precision.py), which hold however OpenVINO's CPU plugin
+    picks its kernels: outputs within bf16's roundoff bounds, and every detection that fp32 decides by more
+    than the measured score error is found."""
     reason = unsupported_precision("bf16")
     if reason:
         pytest.skip(reason)
     folder, _, ov_sidecar = d0
-    reference = _detections(plain)
-    bf16 = _detections(OpenVinoNetwork(folder / "openvino", ov_sidecar, "bf16")(photos[:1]))
-    assert all(any(_same(reference, i, bf16, j) for j in range(3)) for i in range(3))
-    assert sum(any(_same(reference, i, bf16, j) for j in range(20)) for i in range(10)) >= 9
+    reference = ([c[:1] for c in plain[0]], [b[:1] for b in plain[1]])
+    bf16 = OpenVinoNetwork(folder / "openvino", ov_sidecar, "bf16")(photos[:1])
+    assert_close_in_roundoff(bf16, reference, "bf16")
+    anchors = AnchorGenerator.from_config(build_model("efficientdet-d0").config)((512, 512))
+    decided, missed, delta = decided_detections(reference, bf16, anchors)
+    assert delta <= 32 * UNIT_ROUNDOFF["bf16"] and missed == [], (delta, len(decided), missed)
 
 
 def test_onnxruntime_refuses_bf16(d0):
@@ -156,8 +166,8 @@ def test_export_cli_openvino_d1_and_sidecar_round_trip(tmp_path, capsys):
     with torch.no_grad():
         expected = model(images)
     assert [o["shape"] for o in sidecar["outputs"]] == [[2, *t.shape[1:]] for t in expected[0] + expected[1]]
-    delta = max_head_delta(OpenVinoNetwork(out, sidecar)(images), expected)  # 3 images: chunks of 2, last padded
-    assert record_delta("OpenVINO IR fp32 vs plain, D1 256 random", delta, 0.0, TOL) <= TOL
+    _assert_fp32_engine_close("OpenVINO IR fp32, D1 256 random", OpenVinoNetwork(out, sidecar)(images),
+                              expected)  # 3 images: chunks of 2, last padded
     # -mode infer runs that folder (--exported) through our pre- and post-processing, as the torch backend does
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     found = {}

@@ -68,17 +68,6 @@ def test_unfused_channels_last_equals_plain(model, images, expected):
     assert max_head_delta(module(images), expected) <= TOL
 
 
-@pytest.mark.parametrize("fuse", [True, False])
-def test_bf16_runs_and_is_close(model, images, expected, fuse):
-    _skip_unless_supported("bf16")
-    outputs = prepare_for_inference(model, "bf16", fuse=fuse)(images)
-    assert all(o.dtype == torch.float32 for o in outputs[0] + outputs[1])
-    for a, b in zip(outputs[0] + outputs[1], expected[0] + expected[1]):
-        # bf16 keeps 8 bits of mantissa: errors of a few % of the output range, far from a wrong layer.
-        assert float((a - b).abs().max()) <= 0.05 * float(b.abs().max())
-        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.999
-
-
 @pytest.mark.parametrize("overrides", [{"fpn_weight_method": "sum"}, {"max_level": 8}],
                          ids=["sum-fusion (D6+)", "P8 (D7x)"])
 def test_fused_other_variants(overrides):
@@ -133,52 +122,6 @@ def test_realistic_check_catches_sloppy_mean(realistic, monkeypatch):
     monkeypatch.setattr(inference, "spatial_mean", lambda flat: torch.bmm(
         flat.new_full((flat.shape[0], 1, flat.shape[1]), 1.0 / flat.shape[1]), flat).flatten(1))
     assert max_head_delta(prepare_for_inference(model)(images), expected) > 3 * TOL
-
-
-@pytest.fixture(scope="module")
-def photo_detections(ported, input_nchw):
-    """`detections(module) -> (classes [100], boxes [100, 4])` on the fixture photo, and the plain fp32 ones."""
-    from model import AnchorGenerator
-    from model.postprocess import postprocess
-    anchors = AnchorGenerator.from_config(ported.config)((512, 512))
-
-    def detections(module):
-        with torch.no_grad():
-            d = postprocess(*module(input_nchw), anchors, torch.ones(1), (512, 512))
-        return d.classes[0], d.boxes[0]
-    return detections, detections(ported)
-
-
-def _same(reference, other, i, j) -> bool:
-    """Detection i of `reference` and j of `other` have the same class and boxes with IoU >= 0.85."""
-    from torchvision.ops import box_iou
-    return bool(other[0][j] == reference[0][i]) and float(box_iou(other[1][j:j + 1], reference[1][i:i + 1])) >= 0.85
-
-
-def _skip_unless_supported(precision: str) -> None:
-    reason = unsupported_precision(precision)
-    if reason:
-        pytest.skip(reason)
-
-
-def test_fp16_detections_on_the_fixture_photo(ported, photo_detections):
-    """fp16 (10-bit mantissa) keeps fp32's top-10 detections in place."""
-    _skip_unless_supported("fp16")
-    detections, reference = photo_detections
-    fp16 = detections(prepare_for_inference(ported, "fp16"))
-    assert all(_same(reference, fp16, i, i) for i in range(10))
-
-
-def test_bf16_detections_on_the_fixture_photo(ported, photo_detections):
-    """bf16 (8-bit mantissa) moves scores by up to ~0.03 and boxes by a few px, which on the fixture's random
-    weights (top-10 scores 0.50-0.68, gaps down to 0.005) reorders the close ones: the three leaders are
-    still bf16's top 3, and the top-10 are still found among bf16's top-20. (How bf16 rounds differs between
-    CPUs: AMX and AVX512-BF16 kernels accumulate differently.)"""
-    _skip_unless_supported("bf16")
-    detections, reference = photo_detections
-    bf16 = detections(prepare_for_inference(ported, "bf16"))
-    assert all(any(_same(reference, bf16, i, j) for j in range(3)) for i in range(3))
-    assert sum(any(_same(reference, bf16, i, j) for j in range(20)) for i in range(10)) >= 9
 
 
 def test_unsupported_precision_is_a_clear_error(model, monkeypatch):
