@@ -7,11 +7,10 @@ for `-` (efficientdet_d0 ... efficientdet_d7x, efficientdet_lite0 ...). Each ret
 * `weights=PATH`: a `.pth` written by the porter (`python -m utils.port_tf`) or by training (`best.pth`,
   `last.pth`: its EMA weights); the number of classes and the class names come from the file
   (`model.class_names`, None if the file has none).
-* `pretrained=True`: the official COCO weights, `weights/<model>.pth` of this repository (ported from
-  `weights/<model>/` if only the TF checkpoint is there).
+* `pretrained=True`: the official COCO weights, `weights/<model>.pth` of this repository or of
+  `$EFFICIENTDET_WEIGHTS_DIR` (ported from `<model>/` there if only the TF checkpoint is there).
 * neither: random initialisation with `num_classes` classes (default 90, COCO's label space).
 """
-from pathlib import Path as _Path
 
 dependencies = ["torch", "torchvision", "numpy", "PIL", "pycocotools"]
 
@@ -25,7 +24,7 @@ def _entry_point(model_name: str):
         if weights is not None and pretrained:
             raise ValueError(f"{model_name}: give weights=PATH or pretrained=True, not both")
         if pretrained:
-            weights = resolve_pretrained(model_name, _Path(__file__).resolve().parent / "weights")
+            weights = resolve_pretrained(model_name)  # the weights folder: see utils.pretrained.default_weights_dir
         if weights is None:
             model = build_model(model_name, num_classes=num_classes)
             model.class_names = None

@@ -279,10 +279,6 @@ def test_sync_bn_under_cpu_ddp_builds_or_is_refused_naming_the_flag(shapes, tmp_
 
 
 # ---------------------------------------------------------------- --pretrained and the weights folder setting
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="train/initial_weights.py resolves --pretrained in REPO/weights, ignoring "
-                          "EFFICIENTDET_WEIGHTS_DIR, which -mode eval/infer/export honour "
-                          "(utils.cli.load_detector uses utils.pretrained.default_weights_dir())")
 def test_pretrained_training_reads_the_weights_folder_setting(shapes, tmp_path, monkeypatch, capsys):
     """`EFFICIENTDET_WEIGHTS_DIR=DIR main.py -mode train --pretrained` starts from DIR/efficientdet-d0.pth (a
     random 90-class D0 in the porter's format here), keeping all but the class-prediction layer."""

@@ -58,10 +58,6 @@ def test_hub_pretrained_true_returns_the_resolved_weights(tmp_path, monkeypatch)
     assert _repo_weights_listing() == before
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="hubconf.py passes its own weights/ folder to resolve_pretrained, so pretrained=True "
-                          "ignores EFFICIENTDET_WEIGHTS_DIR, which -mode eval/infer/export honour "
-                          "(utils.cli.load_detector uses default_weights_dir())")
 def test_hub_pretrained_true_reads_the_weights_folder_setting(tmp_path, monkeypatch):
     state = _official_like(tmp_path)
     monkeypatch.setenv(WEIGHTS_DIR_ENV, str(tmp_path))

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from model import EfficientDet
-from utils.cli import REPO, check_download_flag
+from utils.cli import check_download_flag
 from utils.pretrained import resolve_pretrained
 from utils.weights import load_weights
 
@@ -30,7 +30,7 @@ def load_initial_weights(model: EfficientDet, args: argparse.Namespace) -> str |
         return f"backbone initialised from {args.backbone_weights}"
     if not (args.pretrained or args.weights):
         return None
-    path = (resolve_pretrained(model_name, REPO / "weights", args.download) if args.pretrained
+    path = (resolve_pretrained(model_name, download_missing=args.download) if args.pretrained
             else Path(args.weights))
     state, meta = load_weights(path)
     if meta.get("model_name") not in (None, model_name):
