@@ -3,7 +3,6 @@ carries those weights. The file is a random D0 in the porter's format (90 COCO c
 written in tmp_path: nothing is written into, or read from, the repository's weights/ folder."""
 from pathlib import Path
 
-import pytest
 import torch
 
 from conftest import ROOT
