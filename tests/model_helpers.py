@@ -1,5 +1,6 @@
 """Model helpers shared by the test files: non-trivial weights and inputs for comparing two ways of
-computing the same network."""
+computing the same network, a tiny dataset and its weights, a free port for two-process runs."""
+import socket
 from pathlib import Path
 
 import torch
@@ -9,6 +10,14 @@ from data.shapes import make_shapes_dataset
 from model import build_model
 from utils.random_weights import randomise_
 from utils.weights import save_weights
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at the time of the call, for a two-process rendezvous: a fixed port
+    collides when two test runs (or two tests) share the machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def max_head_delta(outputs, expected) -> float:

@@ -16,10 +16,12 @@ import torch
 import main
 from conftest import ROOT
 from data.shapes import make_shapes_dataset
+from model_helpers import free_port
 from train.trainer import Trainer
 from utils.weights import load_weights
 
-FLAGS = ["--image-size", "128", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--save-every", "100"]
+FLAGS = ["--image-size", "128", "--batch-size", "2", "--epochs", "2", "--log-every", "1", "--save-every", "100",
+         "--device", "cpu"]  # the runs compared must run on the same device, whatever the host has
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +134,8 @@ def _rank(rank, port, results):
 def test_all_ranks_agree_on_the_stop():
     import torch.multiprocessing as mp
     context = mp.get_context("spawn")
-    results = context.Queue()
-    processes = [context.Process(target=_rank, args=(rank, 29531, results)) for rank in range(2)]
+    results, port = context.Queue(), free_port()
+    processes = [context.Process(target=_rank, args=(rank, port, results)) for rank in range(2)]
     for p in processes:
         p.start()
     outcome = dict((rank, (before, after)) for rank, before, after in (results.get(timeout=600) for _ in processes))

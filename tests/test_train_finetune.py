@@ -20,6 +20,7 @@ from train.distributed import all_mean  # noqa: E402
 from train.ema import unwrap_model  # noqa: E402
 from train.keep_best import keep_best, kept_checkpoints  # noqa: E402
 from model import build_model  # noqa: E402
+from model_helpers import free_port  # noqa: E402
 from train.trainer import LOSS_TERMS, Trainer  # noqa: E402
 from utils.weights import save_weights  # noqa: E402
 
@@ -171,8 +172,8 @@ def _ddp_worker(shapes, output, result):
 
 def test_two_processes_of_batch_b_step_as_one_process_of_batch_2b(shapes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           __file__, str(shapes), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), __file__, str(shapes), str(tmp_path / "ddp"), str(tmp_path / "ddp.pt")]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ddp = torch.load(tmp_path / "ddp.pt", weights_only=True)

@@ -11,6 +11,7 @@ import main
 from conftest import ROOT
 from data.shapes import make_shapes_dataset
 from model import build_model
+from model_helpers import free_port
 from train.trainer import Trainer
 from utils.weights import load_weights, save_weights
 
@@ -102,10 +103,10 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(shapes, tmp_path, monke
 
 def test_two_process_ddp_trainval_on_cpu(shapes, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           str(ROOT / "main.py"), "-mode", "trainval", "--data", str(shapes), "--image-size", "128",
-           "--batch-size", "2", "--epochs", "1", "--workers", "0", "--log-every", "1", "--val-nms", "hard",
-           "--output", str(tmp_path / "ddp"), "--device", "cpu"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), str(ROOT / "main.py"), "-mode", "trainval", "--data", str(shapes),
+           "--image-size", "128", "--batch-size", "2", "--epochs", "1", "--workers", "0", "--log-every", "1",
+           "--val-nms", "hard", "--output", str(tmp_path / "ddp"), "--device", "cpu"]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("training efficientdet-d0 on 8 images") == 1  # rank 0 speaks, once
