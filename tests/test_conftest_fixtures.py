@@ -54,4 +54,5 @@ def test_a_pytest_run_without_fixtures_exits_as_ci_needs(tmp_path, required, exi
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_parity.py"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == exit_code, done.stdout[-3000:]
-    assert outcome in done.stdout and f"official reference fixture not found: {tmp_path / 'absent' / 'model.index'}" in done.stdout
+    missing = tmp_path / "absent" / "model.index"
+    assert outcome in done.stdout and f"official reference fixture not found: {missing}" in done.stdout
