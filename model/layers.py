@@ -97,9 +97,58 @@ class SeparableConv2d(nn.Module):
         return self.conv_pw(self.conv_dw(x))
 
 
+# Batch statistics of channels_last CPU tensors. PyTorch's channels_last CPU kernel sums each channel row by
+# row in float32 (one running sum per thread over N*H*W / threads rows), its NCHW kernel takes per-(image,
+# channel) moments combined pairwise: on D0's stem at 512 px the variance is 3e-4 from float64 against 1e-7,
+# and a training step's logits 1.6e-3 from the float64 official step against 1.6e-5 (parity.training). So in
+# training the statistics of a channels_last CPU tensor come from the NCHW kernel, on an NCHW copy of the
+# input; the normalisation and the backward stay channels_last. `_BatchNormSwish` copies for the statistics
+# alone, a block of channels at a time: blocks of <= STATS_BLOCK_BYTES stay within the heap's reuse instead
+# of a fresh mapping per copy (utils/allocator.py). The other BN layers (no activation, or relu6) run as a
+# module: hooks run them in NCHW (input copied in, output copied back), see `batch_norm`.
+STATS_BLOCK_BYTES = 8 << 20
+
+
+def _channels_last_cpu(x: torch.Tensor) -> bool:
+    """True for a `[N, C, H, W]` CPU tensor laid out channels_last (and not also NCHW-contiguous)."""
+    return (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _nchw_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                      momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) `[C]` of `x [N, C, H, W]` over (N, H, W) by the NCHW kernel, the running
+    statistics updated as `nn.BatchNorm2d` does (unbiased variance); blocks of channels of `x` are copied."""
+    plane = x[:, :1].numel() * x.element_size()
+    block = max(1, STATS_BLOCK_BYTES // plane)
+    parts = [torch.batch_norm_update_stats(x[:, i:i + block].contiguous(), running_mean[i:i + block],
+                                           running_var[i:i + block], momentum) for i in range(0, x.shape[1], block)]
+    return torch.cat([mean for mean, _ in parts]), torch.cat([var for _, var in parts])
+
+
+def _to_nchw_in_training(bn: nn.BatchNorm2d, args: tuple) -> tuple | None:
+    """Forward pre-hook of `batch_norm`: a channels_last CPU input is copied to NCHW in training."""
+    if bn.training and _channels_last_cpu(args[0]):
+        bn.channels_last_output = True
+        return (args[0].contiguous(),)
+    return None
+
+
+def _back_to_channels_last(bn: nn.BatchNorm2d, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    """Forward hook of `batch_norm`: the output of an input `_to_nchw_in_training` copied goes back to
+    channels_last, the layout the next layers expect."""
+    if bn.__dict__.pop("channels_last_output", False):
+        return output.contiguous(memory_format=torch.channels_last)
+    return None
+
+
 def batch_norm(channels: int) -> nn.BatchNorm2d:
-    """BatchNorm with the official eps 1e-3 and TF momentum 0.99 (PyTorch momentum 0.01)."""
-    return nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    """BatchNorm with the official eps 1e-3 and TF momentum 0.99 (PyTorch momentum 0.01); in training, a
+    channels_last CPU input is normalised in NCHW (hooks), for NCHW's exact batch statistics (see above)."""
+    bn = nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    bn.register_forward_pre_hook(_to_nchw_in_training)
+    bn.register_forward_hook(_back_to_channels_last)
+    return bn
 
 
 class _BatchNormSwish(torch.autograd.Function):
@@ -107,12 +156,19 @@ class _BatchNormSwish(torch.autograd.Function):
 
     Composed of modules, autograd would keep x (for BN), the BN output (for swish) and hand the swish output
     to the next layer: the BN output is one activation-sized tensor per BN-swish pair that is cheap to
-    recompute from x and the batch statistics. Same running-statistics update as nn.BatchNorm2d.
+    recompute from x and the batch statistics. Same running-statistics update as nn.BatchNorm2d; the batch
+    statistics of a channels_last CPU `x` by the NCHW kernel (`_nchw_batch_stats`), applied to `x` as it is.
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
-        y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum, eps)
+        if _channels_last_cpu(x):
+            mean, var = _nchw_batch_stats(x, running_mean, running_var, momentum)
+            invstd = torch.rsqrt(var + eps)
+            y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
+        else:
+            y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
+                                                      eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
         ctx.eps = eps
         return F.silu(y, inplace=True)

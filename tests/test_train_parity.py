@@ -4,8 +4,11 @@ the tolerances): in float32 against the official float32 step, and in float64 ag
 step (`--float64`)."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
+import torch
 
 from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
 from parity_runs import parity_run
@@ -81,3 +84,51 @@ def test_float64_step_equals_the_official_float64_step(exact_checks):
                                  "momentum", "values_after_step", "bn_stats", "ema", "box_targets"}
     assert "images" not in exact_checks
     _assert_ok(exact_checks, *exact_checks)
+
+
+# ---------------------------------------------------------------- channels_last BN statistics
+@pytest.mark.parametrize("block_bytes", [8 << 20, 1000])  # one copy; a block of channels at a time
+def test_channels_last_batch_norm_takes_the_nchw_statistics(monkeypatch, block_bytes):
+    """In training, a channels_last CPU input gets the statistics of the NCHW kernel (model/layers.py): the
+    same running statistics bit for bit, outputs and gradients as NCHW's, and a channels_last output."""
+    from torch import nn
+
+    from model import layers
+
+    monkeypatch.setattr(layers, "STATS_BLOCK_BYTES", block_bytes)
+    x = torch.randn(2, 24, 20, 18, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    bn = layers.batch_norm(24)
+    nn.init.normal_(bn.weight)
+    nn.init.normal_(bn.bias)
+    results = {}
+    for layout in (torch.contiguous_format, torch.channels_last):
+        for act in ("swish", "none"):
+            module = copy.deepcopy(bn).train()
+            inputs = x.clone(memory_format=layout).requires_grad_()
+            out = layers.bn_swish(module, inputs) if act == "swish" else module(inputs)
+            out.square().sum().backward()
+            assert out.is_contiguous(memory_format=layout)
+            results[layout, act] = (out, inputs.grad, module.weight.grad, module.running_mean, module.running_var)
+    for act in ("swish", "none"):
+        nchw, nhwc = results[torch.contiguous_format, act], results[torch.channels_last, act]
+        assert torch.equal(nchw[3], nhwc[3]) and torch.equal(nchw[4], nhwc[4])
+        for a, b in zip(nchw[:3], nhwc[:3]):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_training_step_is_as_exact_as_nchw():
+    """The trainer's default CPU layout (channels_last) against the official float64 step: within 2x of the
+    NCHW step's distance on the logits, the losses and the head gradients (before the NCHW statistics,
+    channels_last was ~100x further: logits 1.6e-3 vs 1.6e-5)."""
+    from parity.training import run_step, training_checks
+
+    require_fixture(FIXTURE, "model.index")
+    folder = require_fixture(TRAIN_FIXTURE, "train_outputs_float64.npz")
+    meta = read_meta(folder)
+    nchw, nhwc = (training_checks(folder, meta, run_step(folder, meta, torch.float32, flags), float64=True)
+                  for flags in (("--nchw",), ()))
+    compared = ("class_outputs", "box_outputs", "cls_loss", "box_loss", "det_loss", "total_loss",
+                "cls_loss_per_level", "grads")
+    ratios = {n: nhwc[n]["rel"] / nchw[n]["rel"] for n in compared}
+    assert all(r <= 2 for r in ratios.values()), ratios
+    assert nchw["class_outputs"]["rel"] < 1e-4  # what is compared is float32 rounding (TF's float32: 4.5e-4)
