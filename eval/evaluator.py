@@ -14,6 +14,7 @@ from tqdm import tqdm
 from data.bad_images import BadImage, BadImageBudget, BadImageLimit
 from data.coco import CocoDetection, collate_detection
 from eval.coco_eval import detections_to_coco, evaluate_coco
+from eval.tta import TestTimeAugmentation, WithOriginals, collate_with_originals
 from model import AnchorGenerator, EfficientDet
 from model.config import parse_image_size
 from model.inference import check_finite, prepare_for_inference
@@ -31,23 +32,42 @@ class Detector(nn.Module):
     optionally `torch.compile`d), or as `network` runs it when given: any callable `images -> (cls_outs,
     box_outs)` with the plain model's layouts, e.g. an exported model on another engine (`deploy.backends`);
     post-processing always runs in float32. Non-finite network outputs are a RuntimeError (`check_finite`).
+
+    tta "flip" | "scales" | "flip+scales" (`eval.tta`): each image also goes through the network mirrored
+    and/or at 0.8x / 1.2x, the passes fused by weighted boxes fusion; `forward` then needs `originals` (the
+    decoded RGB uint8 images) for the scales. An exported network (not a torch module) runs one input size:
+    with it, only "flip".
     """
 
     def __init__(self, model: EfficientDet, image_size: int | tuple[int, int], mode: str = "eval", nms: str = "soft",
-                 precision: str = "fp32", compile: bool = False, network=None):
+                 precision: str = "fp32", compile: bool = False, network=None, tta: str | None = None):
         super().__init__()
         self.image_size = parse_image_size(image_size)
         self.model = network if network is not None else prepare_for_inference(
             model, precision, compile=compile, image_size=self.image_size)
         self.mode, self.nms, self.precision = mode, nms, precision
         self.anchors = AnchorGenerator.from_config(model.config)
+        self.tta = TestTimeAugmentation.from_name(tta, self.image_size, model.config.size_divisor,
+                                                  model.config.mean_rgb, model.config.stddev_rgb) if tta else None
+        if self.tta and self.tta.needs_originals and not isinstance(self.model, nn.Module):  # an engine's export
+            raise ValueError(f"--tta {tta}: an exported network runs {self.image_size[0]}x{self.image_size[1]} "
+                             f"(HxW) inputs only; use --tta flip, or --backend torch")
 
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
+    def forward(self, images: torch.Tensor, scales: torch.Tensor, originals: list | None = None) -> Detections:
+        """images `[N, 3, S_h, S_w]` and scales `[N]` from the eval preprocessing at `image_size`; originals:
+        the N decoded images, only needed (and used) by a TTA with scales."""
+        if self.tta:
+            return self.tta(self._detect, images, scales, originals)
+        return self._detect(images, scales)
+
+    def _detect(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
+        """One pass at the images' own size (TTA runs other sizes through it)."""
         cls_outs, box_outs = self.model(images)
         check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
-        anchors = self.anchors(self.image_size, images.device)
-        return postprocess(cls_outs, box_outs, anchors, scales, self.image_size, self.mode, self.nms)
+        size = tuple(images.shape[-2:])
+        anchors = self.anchors(size, images.device)
+        return postprocess(cls_outs, box_outs, anchors, scales, size, self.mode, self.nms)
 
 
 def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int,
@@ -61,9 +81,11 @@ def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, w
     raises once their count passes its limit).
     """
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
-    subset = Subset(dataset, list(range(rank, count, world_size)))
-    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, collate_fn=collate_detection,
-                        pin_memory=device.type == "cuda")
+    tta = getattr(detector, "tta", None)  # any detector module may be run; only ours has a TTA
+    originals = bool(tta) and tta.needs_originals  # TTA scales resize the decoded images
+    subset = Subset(WithOriginals(dataset) if originals else dataset, list(range(rank, count, world_size)))
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=collate_with_originals if originals else collate_detection)
     results, images_done, failures = [], 0, []
     start = time.perf_counter()
     # `with`: an error mid-run clears the bar first, so its message stands on a line of its own
@@ -77,7 +99,8 @@ def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, w
                 bar.update(targets["num_failed"])
                 continue
             scales = torch.tensor(targets["scales"], dtype=torch.float32, device=device)
-            dets = detector(images.to(device, non_blocking=True), scales)
+            extra = (targets["originals"],) if originals else ()
+            dets = detector(images.to(device, non_blocking=True), scales, *extra)
             results += detections_to_coco(dets, targets["image_ids"].tolist(), dataset.class_to_category)
             images_done += len(images)
             bar.update(len(images) + targets["num_failed"])
