@@ -12,6 +12,7 @@ network input size, each side rounded to a multiple of the variant's size diviso
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -36,15 +37,16 @@ class Pass:
 
 
 def scaled_size(base_hw: tuple[int, int], factor: float, divisor: int) -> tuple[int, int]:
-    """`factor` x `base_hw`, each side rounded to the nearest multiple of `divisor` (at least one), the sizes
-    the fused network runs. For factor != 1 a side that lands back on its base size is moved one multiple
-    further (0.8x of 256 at divisor 128 is 128, 1.2x is 384), so every scale is a pass of its own."""
+    """`base_hw` itself for factor 1, else `factor` x `base_hw` with each side rounded to the nearest multiple
+    of `divisor` (halves up, at least one multiple): sizes the fused network runs. A side that lands back on
+    its base size is moved one multiple further (0.8x of 256 at divisor 128 is 128, 1.2x is 384), so every
+    scale is a pass of its own."""
     def side(base: int) -> int:
-        rounded = max(divisor, round(base * factor / divisor) * divisor)
-        if rounded == base and factor != 1:
+        rounded = max(divisor, math.floor(base * factor / divisor + 0.5) * divisor)
+        if rounded == base:
             rounded = max(divisor, base + (divisor if factor > 1 else -divisor))
         return rounded
-    return side(base_hw[0]), side(base_hw[1])
+    return tuple(base_hw) if factor == 1 else (side(base_hw[0]), side(base_hw[1]))
 
 
 def tta_passes(name: str, base_hw: tuple[int, int], divisor: int) -> list[Pass]:

@@ -58,8 +58,10 @@ def assert_same_detections(a, b, atol=1e-4):
 
 def test_scale_sizes_are_multiples_of_the_size_divisor():
     """0.8x / 1.2x to the nearest multiple of 128: D0's 512 -> 384 / 640; 256 would round back to 256 and
-    moves one multiple (128 / 384); each side on its own; 128 cannot shrink and runs once."""
+    moves one multiple (128 / 384); each side on its own; 1x is the input size even when it is no multiple
+    (Lite0's 320); 128 cannot shrink and runs once."""
     assert [scaled_size((512, 512), f, 128) for f in (0.8, 1.0, 1.2)] == [(384, 384), (512, 512), (640, 640)]
+    assert [scaled_size((320, 320), f, 128) for f in (0.8, 1.0, 1.2)] == [(256, 256), (320, 320), (384, 384)]
     assert [scaled_size((256, 256), f, 128) for f in (0.8, 1.2)] == [(128, 128), (384, 384)]
     assert scaled_size((384, 640), 0.8, 128) == (256, 512) and scaled_size((384, 640), 1.2, 128) == (512, 768)
     assert tta_passes("scales", (128, 128), 128) == [Pass((128, 128), False), Pass((256, 256), False)]

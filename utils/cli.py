@@ -98,10 +98,10 @@ def add_inference_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tta", choices=["flip", "scales", "flip+scales"], default=None,
                         help="test-time augmentation, the passes fused by weighted boxes fusion as the official "
                              "tf2/wbf.py does (docs/tta.md): flip = the image and its mirror (2 passes); scales = "
-                             "0.8x, 1x and 1.2x the input size (3 passes), each side rounded to the nearest multiple "
-                             "of the variant's size divisor 2^max_level (128), one multiple further if that is the "
-                             "input size (256 gives 128, 256, 384); flip+scales = 6 passes. scales needs "
-                             "--backend torch")
+                             "0.8x, 1x and 1.2x the input size (3 passes), the 0.8x and 1.2x sides rounded to the "
+                             "nearest multiple of the variant's size divisor 2^max_level (128, D7x 256), one multiple "
+                             "further if that is the input size (256 gives 128, 256, 384); flip+scales = 6 passes. "
+                             "scales needs --backend torch")
 
 
 def resolve_device(name: str) -> torch.device:
