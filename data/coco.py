@@ -49,6 +49,11 @@ def _load_coco_json(ann_file: Path) -> dict:
         data = json.loads(ann_file.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"ann_file {ann_file} is not COCO json (not valid JSON: {err})") from None
+    return _check_coco(data, ann_file)
+
+
+def _check_coco(data, ann_file: Path) -> dict:
+    """`data` if it has the COCO instances structure, else a one-line ValueError naming `ann_file`."""
     if not isinstance(data, dict):
         raise ValueError(f"ann_file {ann_file} is not COCO json (top level is {type(data).__name__}, expected "
                          f"an object with 'images', 'annotations', 'categories')")
@@ -93,13 +98,15 @@ class CocoDetection(Dataset):
     """COCO-format detection dataset.
 
     Args:
-        ann_file: COCO instances json.
+        ann_file: COCO instances json, or its content as a dict (a VOC / YOLO dataset read by
+            `data.convert.load_split`; `ann_file` is then its `info["source"]`, for messages).
         image_dir: folder holding the images named by the json's `file_name`.
         train: True -> augmented training items, False -> evaluation items (official eval preprocessing).
         image_size: network input size S (int or `(S_h, S_w)`).
         transform: training transform with `TrainTransform`'s call signature (default
             `TrainTransform(image_size)`, the official augmentation); not accepted with `train=False`.
-        label_map: None = auto (COCO's ids and names -> 90-id space, else contiguous), 'coco90', 'contiguous'.
+        label_map: None = auto (the json's `info["label_map"]` if set, else COCO's ids and names -> 90-id
+            space, else contiguous), 'coco90', 'contiguous'.
         max_instances: boxes kept per image, in annotation order (official `max_instances_per_image=100`).
         seed: base seed of the augmentation; item `i` of epoch `e` uses `np.random.default_rng([seed, e, i])`,
             so results do not depend on DataLoader workers or order.
@@ -128,8 +135,10 @@ class CocoDetection(Dataset):
     def __init__(self, ann_file, image_dir, *, train: bool, image_size=512, transform=None,
                  label_map: str | None = None, max_instances: int = 100, seed: int = 0,
                  mean_rgb=MEAN_RGB, stddev_rgb=STDDEV_RGB):
-        self.ann_file, self.image_dir = Path(ann_file), Path(image_dir)
-        if not self.ann_file.is_file():
+        in_memory = isinstance(ann_file, dict)
+        source = ann_file.get("info", {}).get("source", "<annotations in memory>") if in_memory else ann_file
+        self.ann_file, self.image_dir = Path(source), Path(image_dir)
+        if not in_memory and not self.ann_file.is_file():
             raise FileNotFoundError(f"ann_file {self.ann_file} does not exist (expected a COCO instances json)"
                                     f"\n{EXPECTED_LAYOUT}")
         if not self.image_dir.is_dir():
@@ -143,9 +152,10 @@ class CocoDetection(Dataset):
         self.transform = transform or (TrainTransform(image_size, **self.normalization) if train else None)
         self.epoch = 0
 
-        data = _load_coco_json(self.ann_file)
+        data = _check_coco(ann_file, self.ann_file) if in_memory else _load_coco_json(self.ann_file)
+        info = data.get("info") if isinstance(data.get("info"), dict) else {}
         self.class_names, self.class_to_category, self.category_to_class = _label_space(
-            data["categories"], label_map, self.ann_file)
+            data["categories"], label_map or info.get("label_map"), self.ann_file)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             self.coco = COCO()
             self.coco.dataset = data

@@ -10,6 +10,7 @@ from data.coco import CocoDetection
 from eval.coco_eval import format_stats
 from deploy.backends import network_from_args
 from eval.evaluator import Detector, evaluate
+from eval.voc_eval import evaluate_voc, format_voc, reports_voc_metric
 from utils.atomic import check_writable_dir, write_json
 from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
                        dataset_paths, load_detector, number, resolve_device)
@@ -53,6 +54,18 @@ def refuse_unwritable_output(path: str | os.PathLike, flag: str = "--output") ->
         raise OSError(f"{flag} {path}: cannot write there ({reason.lower()})")
 
 
+def voc_metric(dataset: CocoDetection, results: list[dict], run: dict) -> dict | None:
+    """The VOC metric (`eval.voc_eval`) of a VOC dataset's evaluation, None for other datasets. It needs the
+    evaluated images: when some could not be read, `evaluate` does not say which, so it is left out."""
+    if not reports_voc_metric(dataset.coco):
+        return None
+    if run["failed"]:
+        print(f"VOC metric left out: {run['failed']} image(s) could not be read (the COCO numbers are over the "
+              f"{run['images']} read)")
+        return None
+    return evaluate_voc(dataset.coco, results, dataset.image_ids[:run["images"]])
+
+
 def run_eval(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     if args.output:  # else the folder is named after the model, known once the weights are read
@@ -65,14 +78,18 @@ def run_eval(args: argparse.Namespace) -> dict:
     output = check_writable_dir(args.output or f"runs/eval-{info['model_name']}")  # the inputs are good
     detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile,
                         network_from_args(args, model, info))
-    print(f"evaluating {info['model_name']} ({info['source']}) on {ann}: "
+    print(f"evaluating {info['model_name']} ({info['source']}) on {dataset.ann_file}: "
           f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS")
     stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images,
                                    max_bad_images=args.max_bad_images)
+    voc = voc_metric(dataset, results, run)
     write_json(results, output / "detections_val.json")
-    write_json({"stats": stats, "model": info["model_name"], "weights": info["source"], "annotations": str(ann),
-                "nms": args.nms, "image_size": info["image_size"], **run}, output / "metrics_val.json", indent=1)
+    write_json({"stats": stats, "model": info["model_name"], "weights": info["source"],
+                "annotations": str(dataset.ann_file), "nms": args.nms, "image_size": info["image_size"], **run,
+                **({"voc": voc} if voc else {})}, output / "metrics_val.json", indent=1)
     print(format_stats(stats))
+    if voc:
+        print(format_voc(voc))
     skipped = (f"; {run['failed']} unreadable image(s) skipped, the metrics are over the {run['images']} read"
                if run["failed"] else "")
     print(f"{run['images']} images in {run['seconds']:.1f} s ({run['img_per_s']:.2f} img/s){skipped}; "

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from data.bad_images import BadImageLimit
+from data.convert import load_split
+from data.formats import dataset_format
 from model import VARIANTS, EfficientDet
 from model.inference import PRECISIONS
 from utils.image_size import HELP as IMAGE_SIZE_HELP
@@ -66,11 +68,20 @@ def add_weights_args(parser: argparse.ArgumentParser, required: bool) -> None:
 
 def add_data_args(parser: argparse.ArgumentParser, splits: tuple[str, ...]) -> None:
     parser.add_argument("--data", default="data/coco",
-                        help="COCO-format dataset folder (DIR/annotations/instances_{split}2017.json + "
-                             "DIR/{split}2017/), or 'shapes' for the embedded synthetic dataset")
+                        help="dataset folder: COCO (DIR/annotations/instances_{split}2017.json + DIR/{split}2017/), "
+                             "Pascal VOC (DIR/Annotations/, JPEGImages/, ImageSets/Main/{split}.txt) or YOLO "
+                             "(DIR/images/{split}/, labels/{split}/, data.yaml or classes.txt), detected from its "
+                             "layout or named coco:DIR, voc:DIR, yolo:DIR; or 'shapes' for the embedded synthetic "
+                             "dataset (docs/datasets.md)")
     for split in splits:
-        parser.add_argument(f"--{split}-ann", default=None, help=f"{split} annotation json (overrides --data)")
+        parser.add_argument(f"--{split}-ann", default=None,
+                            help=f"{split} annotations (overrides --data): a COCO json, a VOC or YOLO folder, or a VOC "
+                                 f"image-set file DIR/ImageSets/Main/NAME.txt")
         parser.add_argument(f"--{split}-images", default=None, help=f"{split} image folder (overrides --data)")
+    if "train" in splits:
+        parser.add_argument("--train-difficult", action="store_true",
+                            help="VOC: also train on objects marked difficult (default: left out of training, as "
+                                 "evaluation ignores them)")
     parser.add_argument("--max-bad-images", type=max_bad_images, default=BadImageLimit(percent=1.0), metavar="N|P%",
                         help="stop as soon as more images than this could not be read (missing, cannot decode, "
                              "truncated) in an epoch or an evaluation: a number, or a percentage of its images")
@@ -113,15 +124,23 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def dataset_paths(args: argparse.Namespace, split: str) -> tuple[Path, Path]:
-    """(annotation json, image folder) of `split` from --data / --{split}-ann / --{split}-images."""
+def dataset_paths(args: argparse.Namespace, split: str) -> tuple[Path | dict, Path]:
+    """(annotations, image folder) of `split` from --data / --{split}-ann / --{split}-images: what
+    `CocoDetection` takes. The annotations are a COCO json path, or for a VOC or YOLO dataset its content as
+    a COCO-format dict (`data.convert.load_split`; difficult VOC objects trained on with --train-difficult)."""
     if args.data == "shapes":
         from data.shapes import make_shapes_dataset
-        root = make_shapes_dataset(SHAPES_ROOT)
+        data = str(make_shapes_dataset(SHAPES_ROOT))
     else:
-        root = Path(args.data)
-    ann = getattr(args, f"{split}_ann") or root / "annotations" / f"instances_{split}2017.json"
-    images = getattr(args, f"{split}_images") or root / f"{split}2017"
+        data = args.data
+    ann, images = getattr(args, f"{split}_ann"), getattr(args, f"{split}_images")
+    fmt, path = dataset_format(ann or data)
+    if fmt != "coco":
+        keep_difficult = split == "train" and getattr(args, "train_difficult", False)
+        return load_split(fmt, path, split, images, keep_difficult)
+    root = dataset_format(data)[1]
+    ann = path if ann else root / "annotations" / f"instances_{split}2017.json"
+    images = images or root / f"{split}2017"
     return Path(ann), Path(images)
 
 
