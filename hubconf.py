@@ -13,7 +13,7 @@ for `-` (efficientdet_d0 ... efficientdet_d7x, efficientdet_lite0 ...). Each ret
 
 `predictor=True` (with `weights=` or `pretrained=True`) returns an `eval.predictor.Predictor` of those weights
 instead: images in, boxes out (`.predict("photo.jpg")`), as `-mode infer` detects them; further keywords are
-its options (device, precision, backend, exported, image_size, nms, compile, batch_size).
+its options (device, precision, backend, exported, image_size, nms, compile, batch_size, tta).
 """
 
 dependencies = ["torch", "torchvision", "numpy", "PIL", "pycocotools"]

@@ -134,13 +134,14 @@ class Predictor:
     backend "torch" | "onnxruntime" | "openvino" (CPU; the weights are exported once into
     runs/export-cache/, or `exported` names a folder written by `-mode export`); image_size S or (H, W) or
     "WxH" (default: the one stored with the weights, else the variant's); nms "hard" | "soft" (the default of
-    `predict`); compile (torch.compile the network); batch_size (images per forward pass in `predict`).
-    Errors about them name the matching `-mode infer` flag.
+    `predict`); compile (torch.compile the network); batch_size (images per forward pass in `predict`);
+    tta None | "flip" | "scales" | "flip+scales" (test-time augmentation fused by WBF, `eval.tta`). Errors
+    about them name the matching `-mode infer` flag.
     """
 
     def __init__(self, model, info: dict, device: str = "auto", precision: str = "fp32", backend: str = "torch",
                  exported: str | os.PathLike | None = None, nms: str = "hard", compile: bool = False,
-                 batch_size: int = 1):
+                 batch_size: int = 1, tta: str | None = None):
         _check_choice("nms", nms, NMS_METHODS)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size {batch_size!r}: expected an integer >= 1")
@@ -149,12 +150,12 @@ class Predictor:
         num_classes = info["num_classes"]
         self.class_names = list(info["class_names"] or [f"class_{c}" for c in range(num_classes)])
         self.categories = [cat or c + 1 for c, cat in enumerate(info["class_to_category"] or [None] * num_classes)]
-        self.config, self.nms, self.batch_size, self.precision = model.config, nms, batch_size, precision
+        self.config, self.nms, self.batch_size, self.precision, self.tta = model.config, nms, batch_size, precision, tta
         flags = argparse.Namespace(backend=backend, exported=exported, precision=precision, compile=compile,
                                    device=device)
         network = network_from_args(flags, model, info)
         self.model = model.to(self.device).eval()
-        self._detectors = {nms: Detector(self.model, self.image_size, "infer", nms, precision, compile, network)}
+        self._detectors = {nms: Detector(self.model, self.image_size, "infer", nms, precision, compile, network, tta)}
 
     @classmethod
     def from_weights(cls, path: str | os.PathLike, model_name: str | None = None, image_size=None, **options):
@@ -177,7 +178,8 @@ class Predictor:
         """The predictor of `-mode infer`'s flags (model, weights, image size, inference flags, nms, batch)."""
         model, info = load_detector(args)
         return cls(model, info, device=args.device, precision=args.precision, backend=args.backend,
-                   exported=args.exported, nms=args.nms, compile=args.compile, batch_size=args.batch_size)
+                   exported=args.exported, nms=args.nms, compile=args.compile, batch_size=args.batch_size,
+                   tta=args.tta)
 
     def _detector(self, nms: str) -> Detector:
         """The Detector of NMS method `nms`; all share the one prepared network."""
@@ -185,17 +187,18 @@ class Predictor:
             _check_choice("nms", nms, NMS_METHODS)
             network = next(iter(self._detectors.values())).model
             self._detectors[nms] = Detector(self.model, self.image_size, "infer", nms, self.precision,
-                                            network=network)
+                                            network=network, tta=self.tta)
         return self._detectors[nms]
 
     def detections(self, images: list[np.ndarray], nms: str | None = None) -> Detections:
         """One batch of uint8 `[H, W, 3]` RGB arrays (any sizes) -> `Detections` (yxyx, original px, up to
-        100 per image, unthresholded): official preprocessing, network, official image post-processing."""
+        100 per image, unthresholded): official preprocessing, network, official image post-processing (and
+        the TTA's other passes, which resize the arrays themselves)."""
         processed = [preprocess_for_eval(a, self.image_size, self.config.mean_rgb, self.config.stddev_rgb)
                      for a in images]
         tensors, scales = zip(*processed)
         return self._detector(nms or self.nms)(torch.stack(tensors).to(self.device),
-                                               torch.tensor(scales, device=self.device))
+                                               torch.tensor(scales, device=self.device), list(images))
 
     def predict(self, inputs, threshold: float = 0.4, nms: str | None = None,
                 max_detections: int = MAX_DETECTIONS):
@@ -231,8 +234,9 @@ class Predictor:
         return results[0] if single else results
 
     def __repr__(self) -> str:
+        tta = f", tta {self.tta}" if self.tta else ""
         return (f"Predictor({self.model_name}, {len(self.class_names)} classes, image size "
-                f"{self.image_size[0]}x{self.image_size[1]}, {self.device}, {self.precision}, nms {self.nms})")
+                f"{self.image_size[0]}x{self.image_size[1]}, {self.device}, {self.precision}, nms {self.nms}{tta})")
 
 
 def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:

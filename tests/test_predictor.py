@@ -57,17 +57,19 @@ def assert_same(a: dict, b: dict) -> None:
     assert torch.equal(a["labels"], b["labels"]) and a["names"] == b["names"]
 
 
-@pytest.mark.parametrize("nms, size", [("hard", 512), ("soft", 256)])  # soft-NMS over ~all anchors: 4x fewer
-def test_predict_equals_infer_detections_json(predictor, weights, photo, tmp_path, nms, size):
+# soft-NMS runs over ~all anchors of these weights: at 256 px, 4x fewer; TTA flip: two passes fused by WBF
+@pytest.mark.parametrize("nms, size, tta", [("hard", 512, None), ("soft", 256, None), ("hard", 256, "flip")])
+def test_predict_equals_infer_detections_json(predictor, weights, photo, tmp_path, nms, size, tta):
     """Every detection `-mode infer` writes, and no other: same category, name, score and box (xyxy here,
     `[x, y, w, h]` there), at threshold 0 (up to 100 detections)."""
     out = tmp_path / "out"
     assert main.main(["-mode", "infer", "--weights", str(weights), "--images", str(photo), "--output", str(out),
-                      "--threshold", "0", "--nms", nms, "--image-size", str(size), "--device", "cpu"]) == 0
+                      "--threshold", "0", "--nms", nms, "--image-size", str(size), "--device", "cpu",
+                      *(["--tta", tta] if tta else [])]) == 0
     written = [{k: d[k] for k in ("category_id", "class_name", "score", "bbox")}
                for d in json.loads((out / "detections.json").read_text())]
-    if size != 512:
-        predictor = Predictor.from_weights(weights, device="cpu", image_size=size)
+    if (size, tta) != (512, None):
+        predictor = Predictor.from_weights(weights, device="cpu", image_size=size, tta=tta)
     result = predictor.predict(photo, threshold=0, nms=nms)
     assert len(written) > 50 and as_json_fields(result) == written
     boxes = result["boxes"]
