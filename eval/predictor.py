@@ -49,7 +49,9 @@ def _describe(value) -> str:
     if isinstance(value, (np.ndarray, torch.Tensor)):
         kind = "numpy array" if isinstance(value, np.ndarray) else "tensor"
         return f"a {kind} of dtype {str(value.dtype).removeprefix('torch.')} and shape {list(value.shape)}"
-    return f"a {type(value).__module__}.{type(value).__qualname__}".replace("a builtins.", "a ")
+    name = type(value).__qualname__ if type(value).__module__ == "builtins" else \
+        f"{type(value).__module__}.{type(value).__qualname__}"
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
 
 
 def _tensor_to_rgb(tensor: torch.Tensor, name: str) -> np.ndarray:
@@ -104,23 +106,25 @@ def photo_detections(dets: Detections, i: int, height: int, width: int, threshol
     at detections.json's 0.01 px dropped, at most `max_detections`, best first.
 
     Returns `boxes` float32 `[K, 4]` (xmin, ymin, xmax, ymax) original px, `scores` float32 `[K]`,
-    `classes` int64 `[K]` (0-based indices into the class outputs). Python floats, as detections.json
-    rounds them: clipping to integer bounds is exact in float32, so the tensors hold the same values.
+    `classes` int64 `[K]` (0-based indices into the class outputs). Clipping and the area test run on Python
+    floats, as detections.json's rounding does (`eval.infer.image_detections`); clipping float32 values to
+    integer bounds is exact, so the float32 tensors hold exactly the values that are rounded and written.
     """
+    count = int(dets.num_valid[i])
+    rows = zip(dets.boxes[i, :count].tolist(), dets.scores[i, :count].tolist(), dets.classes[i, :count].tolist())
     boxes, scores, classes = [], [], []
-    for j in range(int(dets.num_valid[i])):
+    for (ymin, xmin, ymax, xmax), score, c in rows:
         if len(scores) == max_detections:
             break
-        score = float(dets.scores[i, j])
         if score < threshold:
             continue
-        ymin, ymax = (min(max(float(v), 0.0), height) for v in dets.boxes[i, j, 0::2])
-        xmin, xmax = (min(max(float(v), 0.0), width) for v in dets.boxes[i, j, 1::2])
+        ymin, ymax = (min(max(v, 0.0), height) for v in (ymin, ymax))
+        xmin, xmax = (min(max(v, 0.0), width) for v in (xmin, xmax))
         if round(xmax - xmin, 2) <= 0 or round(ymax - ymin, 2) <= 0:
             continue
         boxes.append((xmin, ymin, xmax, ymax))
         scores.append(score)
-        classes.append(int(dets.classes[i, j]))
+        classes.append(c)
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
             "scores": torch.tensor(scores, dtype=torch.float32), "classes": torch.tensor(classes, dtype=torch.int64)}
 

@@ -123,7 +123,7 @@ def test_every_input_kind_gives_the_same_result(predictor, photo, tmp_path):
 
 
 @pytest.mark.parametrize("inputs, kwargs, message", [
-    (42, {}, "input: a int; expected a path, a PIL image, a uint8 numpy array [H, W, 3] (RGB), a tensor [3, H, W]"),
+    (42, {}, "input: an int; expected a path, a PIL image, a uint8 numpy array [H, W, 3] (RGB), a tensor [3, H, W]"),
     (np.zeros((8, 8), np.uint8), {}, "input: a numpy array of dtype uint8 and shape [8, 8]; expected a uint8 numpy "
                                      "array [H, W, 3] (RGB)"),
     (np.zeros((8, 8, 3), np.float32), {}, "input: a numpy array of dtype float32 and shape [8, 8, 3]; expected"),

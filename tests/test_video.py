@@ -111,23 +111,31 @@ def _unknown_codec(folder: Path, clip: Path) -> Path:
                       r"convert it, e\.g\. to H\.264"),
     ("truncated", r"cannot decode frame 5 \(Invalid data found when processing input\)"),
     ("camera", r"cannot open camera 63 \(/dev/video63: No such file or directory\)"),
+    ("overwrite", r"the annotated video would overwrite it; choose another --output"),
 ])
 def test_bad_videos_are_one_line_errors_that_leave_nothing(weights, clip, tmp_path, capsys, case, message):
     """Exit 2 and one line `error: --video SPEC: ...`. A truncated file fails mid-way, after a batch of frames
-    was encoded: the annotated video was a temp file, removed; no detections.json."""
+    was encoded: the annotated video was a temp file, removed; no detections.json. An input that the output
+    `OUTPUT/<name>.mp4` would replace (FFmpeg reads the AVI by its content, whatever its name) is kept."""
     path, _ = clip
+    out = tmp_path / "out"
     spec = {"missing": str(tmp_path / "gone.mp4"), "unreadable": str(tmp_path / "text.mp4"),
-            "unknown codec": str(tmp_path / "unknown.avi"), "truncated": str(tmp_path / "cut.avi"), "camera": "63"}
+            "unknown codec": str(tmp_path / "unknown.avi"), "truncated": str(tmp_path / "cut.avi"), "camera": "63",
+            "overwrite": str(out / "clip.mp4")}
     (tmp_path / "text.mp4").write_text("not a video")
     _unknown_codec(tmp_path, path)
     (tmp_path / "cut.avi").write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    out.mkdir()
+    if case == "overwrite":
+        (out / "clip.mp4").write_bytes(path.read_bytes())
     if case == "camera" and Path("/dev/video63").exists():
         pytest.skip("this machine has a /dev/video63")
-    out = tmp_path / "out"
     assert main.main(["-mode", "infer", "--weights", str(weights), "--video", spec[case], "--output", str(out),
                       "--batch-size", "4", *COMMON]) == 2
     assert re.fullmatch(f"error: --video {re.escape(spec[case])}: {message}", _one_error_line(capsys))
-    assert not out.exists() or list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == (["clip.mp4"] if case == "overwrite" else [])
+    if case == "overwrite":
+        assert (out / "clip.mp4").read_bytes() == path.read_bytes()
 
 
 @pytest.fixture
