@@ -92,7 +92,8 @@ class CocoBuilder:
         self.data = {"info": {"description": f"{fmt} dataset {source}", "format": fmt, "source": str(source),
                               "label_map": "contiguous"},
                      "images": [], "annotations": [],
-                     "categories": [{"id": k + 1, "name": name, "supercategory": "none"} for k, name in enumerate(names)]}
+                     "categories": [{"id": k + 1, "name": name, "supercategory": "none"}
+                                    for k, name in enumerate(names)]}
 
     def add_image(self, file_name: str, height: int, width: int) -> dict:
         image = {"id": len(self.data["images"]) + 1, "file_name": file_name, "height": int(height), "width": int(width)}

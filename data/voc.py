@@ -125,6 +125,17 @@ def read_names(path: Path) -> list[str]:
     return names
 
 
+def _image_files(image_dir: Path) -> dict[str, str]:
+    """Image stem -> file name in `image_dir`; a `.jpg` wins over other suffixes (the devkit reads
+    `JPEGImages/ID.jpg`)."""
+    files = {}
+    names = os.listdir(image_dir) if image_dir.is_dir() else []
+    for name in sorted(names, key=lambda n: n.lower().endswith(".jpg")):  # .jpg last: it overwrites the others
+        if Path(name).suffix.lower() in IMAGE_SUFFIXES:
+            files[Path(name).stem] = name
+    return files
+
+
 def read_voc(path, split: str, image_dir=None, keep_difficult: bool = False) -> tuple[dict, Path]:
     """`(COCO dict, image folder)` of `split` of the VOC dataset at `path` (a root or an image-set file).
 
@@ -150,10 +161,7 @@ def read_voc(path, split: str, image_dir=None, keep_difficult: bool = False) -> 
     class_index = {name: k for k, name in enumerate(names)}
 
     image_dir = Path(image_dir) if image_dir else root / "JPEGImages"
-    files = {}  # stem -> file name, '.jpg' first (the devkit's JPEGImages/%s.jpg)
-    for name in sorted(os.listdir(image_dir), key=lambda n: n.lower().endswith(".jpg")) if image_dir.is_dir() else ():
-        if Path(name).suffix.lower() in IMAGE_SUFFIXES:
-            files[Path(name).stem] = name
+    files = _image_files(image_dir)
     notes = Notes(f"voc:{image_set}")
     builder = CocoBuilder("voc", image_set, names, notes)
     for image_id, _ in ids:

@@ -88,7 +88,8 @@ def _coco(boxes, crowd):
     coco = COCO()
     coco.dataset = {"images": [{"id": 1, "width": 300, "height": 300, "file_name": "a.jpg"}],
                     "categories": [{"id": 1, "name": "thing"}],
-                    "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": int(c), "difficult": int(c),
+                    "annotations": [{"id": k + 1, "image_id": 1, "category_id": 1, "iscrowd": int(c),
+                                     "difficult": int(c),
                                      "bbox": [b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1],
                                      "area": (b[2] - b[0] + 1) * (b[3] - b[1] + 1)}
                                     for k, (b, c) in enumerate(zip(boxes, crowd))]}
