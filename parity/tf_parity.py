@@ -90,7 +90,7 @@ def format_table(result: dict) -> str:
     lines = [f"{result['model']} ({result['kind']} fixture{', float64' if result.get('float64') else ''})",
              f"{'check':<22} {'max |Δ|':>10} {'rel':>10} {'tol':>8}  ok"]
     for name, c in result["checks"].items():
-        lines.append(f"{name:<22} {c['max_abs']:>10.3e} {c['rel']:>10.3e} {c['tol']:>8.0e}  "
+        lines.append(f"{name:<22} {c['max_abs']:>10.3e} {c['rel']:>10.3e} {c['tol']:>8.1e}  "
                      f"{'ok' if c['ok'] else 'FAIL'}")
     lines.append("all within tolerance" if result["ok"] else "OUT OF TOLERANCE: " + ", ".join(
         n for n, c in result["checks"].items() if not c["ok"]))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
-from parity_runs import parity_run
+from parity_runs import parity_run, step_run
 from parity.checks import compare, load_npz, read_meta
 
 TRAIN_FIXTURE = SHARED_FIXTURES / "tf_reference_d0_train"
@@ -37,19 +37,16 @@ def test_input_chain_and_anchor_targets(checks):
 
 def test_training_mode_forward_and_bn_statistics(checks):
     _assert_ok(checks, "class_outputs", "box_outputs", "bn_stats")
-    assert checks["class_outputs"]["tol"] == 1e-3 and checks["bn_stats"]["tol"] == 1e-4
 
 
 def test_losses(checks):
     _assert_ok(checks, "cls_loss", "box_loss", "det_loss", "reg_l2_loss", "total_loss", "cls_loss_per_level",
                "box_loss_per_level", "cls_loss_per_anchor")
-    assert all(checks[n]["tol"] == 1e-4 for n in ("cls_loss", "box_loss", "reg_l2_loss", "total_loss"))
 
 
 def test_gradients_clipping_and_sgd_step(checks):
     _assert_ok(checks, "grads", "grads_upstream", "grad_norms", "grad_global_norm", "clipped_grads", "momentum",
                "values_after_step")
-    assert checks["grads"]["tol"] == 1e-3  # head variables: the issue's tolerance
 
 
 def test_ema_follows_the_tf1_trainer(checks):
@@ -116,19 +113,38 @@ def test_channels_last_batch_norm_takes_the_nchw_statistics(monkeypatch, block_b
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
 
 
+def _distances_from_exact(float64: bool, flags: tuple[str, ...] = ()) -> dict[str, float]:
+    """Per check, our step's `rel` against the float32 file (`float64`: our float64 step, ~exact) or against
+    the float64 file (our float32 step with `flags`)."""
+    from parity.training import training_checks
+
+    require_fixture(FIXTURE, "model.index")
+    folder = require_fixture(TRAIN_FIXTURE, "train_outputs_float64.npz")
+    checks = training_checks(folder, read_meta(folder), step_run(folder, float64, flags), float64=not float64)
+    return {name: check["rel"] for name, check in checks.items()}
+
+
 def test_channels_last_training_step_is_as_exact_as_nchw():
     """The trainer's default CPU layout (channels_last) against the official float64 step: within 2x of the
     NCHW step's distance on the logits, the losses and the head gradients (before the NCHW statistics,
     channels_last was ~100x further: logits 1.6e-3 vs 1.6e-5)."""
-    from parity.training import run_step, training_checks
-
-    require_fixture(FIXTURE, "model.index")
-    folder = require_fixture(TRAIN_FIXTURE, "train_outputs_float64.npz")
-    meta = read_meta(folder)
-    nchw, nhwc = (training_checks(folder, meta, run_step(folder, meta, torch.float32, flags), float64=True)
-                  for flags in (("--nchw",), ()))
+    nchw, nhwc = _distances_from_exact(False, ("--nchw",)), _distances_from_exact(False)
     compared = ("class_outputs", "box_outputs", "cls_loss", "box_loss", "det_loss", "total_loss",
                 "cls_loss_per_level", "grads")
-    ratios = {n: nhwc[n]["rel"] / nchw[n]["rel"] for n in compared}
+    ratios = {n: nhwc[n] / nchw[n] for n in compared}
     assert all(r <= 2 for r in ratios.values()), ratios
-    assert nchw["class_outputs"]["rel"] < 1e-4  # what is compared is float32 rounding (TF's float32: 4.5e-4)
+    assert nchw["class_outputs"] < 1e-4  # what is compared is float32 rounding (TF's float32: 4.5e-4)
+
+
+def test_float32_tolerances_are_tf_and_our_distances_from_exact():
+    """Each float32 tolerance (parity/training.py) is stated as TF's float32 distance from exact arithmetic plus
+    ours (x2): TF's, re-measured here as our float64 step (~1e-8 from exact) against train_outputs.npz, is the
+    one stated; the tolerance covers it plus ours, re-measured in both layouts against the float64 file."""
+    from parity.training import FLOAT32_FROM_EXACT, TOL
+
+    tf = _distances_from_exact(True)
+    ours = {n: max(a, b) for (n, a), b in zip(_distances_from_exact(False).items(),
+                                              _distances_from_exact(False, ("--nchw",)).values())}
+    for name, (tf_stated, _) in FLOAT32_FROM_EXACT.items():
+        assert tf[name] == pytest.approx(tf_stated, rel=0.01, abs=2e-8), name
+        assert TOL[name] >= tf[name] + ours[name], (name, TOL[name], tf[name], ours[name])
