@@ -114,6 +114,15 @@ def test_folders_read_as_the_same_boxes_classes_and_images_as_the_coco_json(data
 COMMON = ["--image-size", "128", "--workers", "0", "--device", "cpu"]
 
 
+def test_a_voc_image_set_file_names_the_images_of_a_split(datasets):
+    image_set = datasets["voc"] / "ImageSets" / "Main" / "val.txt"
+    args = _args(datasets["voc"])
+    args.train_ann = str(image_set)  # e.g. --train-ann VOC2007/ImageSets/Main/trainval.txt
+    ann, images = dataset_paths(args, "train")
+    assert [i["file_name"] for i in ann["images"]] == [f"val_00000{k}.jpg" for k in (1, 2, 3)]
+    assert ann["info"]["source"] == str(image_set) and images == datasets["voc"] / "JPEGImages"
+
+
 def _train(data: Path, output: Path) -> dict:
     """One step (2 images, batch 2) on `data`; the EMA weights it saves."""
     assert main.main(["-mode", "train", "--data", str(data), "--batch-size", "2", "--epochs", "1",
