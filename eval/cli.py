@@ -77,15 +77,16 @@ def run_eval(args: argparse.Namespace) -> dict:
     check_label_space(info, dataset)
     output = check_writable_dir(args.output or f"runs/eval-{info['model_name']}")  # the inputs are good
     detector = Detector(model.to(device).eval(), info["image_size"], "eval", args.nms, args.precision, args.compile,
-                        network_from_args(args, model, info))
+                        network_from_args(args, model, info), tta=args.tta)
     print(f"evaluating {info['model_name']} ({info['source']}) on {dataset.ann_file}: "
-          f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS")
+          f"{min(args.max_images or len(dataset), len(dataset))} images at {info['image_size']} px, {args.nms} NMS"
+          + (f", test-time augmentation {args.tta}" if args.tta else ""))
     stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images,
                                    max_bad_images=args.max_bad_images)
     voc = voc_metric(dataset, results, run)
     write_json(results, output / "detections_val.json")
     write_json({"stats": stats, "model": info["model_name"], "weights": info["source"],
-                "annotations": str(dataset.ann_file), "nms": args.nms, "image_size": info["image_size"], **run,
+                "annotations": str(dataset.ann_file), "nms": args.nms, "tta": args.tta, "image_size": info["image_size"], **run,
                 **({"voc": voc} if voc else {})}, output / "metrics_val.json", indent=1)
     print(format_stats(stats))
     if voc:

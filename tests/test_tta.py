@@ -17,6 +17,7 @@ from eval.evaluator import Detector, run_detection
 from eval.tta import Pass, TestTimeAugmentation, scaled_size, tta_passes
 from eval.wbf import fuse_detections
 from model import build_model
+from model_helpers import tiny_shapes_run
 from utils.random_weights import randomise_
 
 NUM_CLASSES = 3
@@ -187,3 +188,18 @@ def test_cli_accepts_tta_and_rejects_bad_values_in_one_line(mode, required, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert errors == ["main.py: error: argument --tta: invalid choice: 'mirror' (choose from 'flip', 'scales', "
                       "'flip+scales')"]
+
+
+def test_eval_cli_runs_the_tta_it_is_given(tmp_path):
+    """`-mode eval --tta flip` runs the flip pass (2 passes fused: other detections than without it) and says
+    so in metrics_val.json."""
+    root, weights = tiny_shapes_run(tmp_path, randomised=True)
+    found = {}
+    for tta in (None, "flip"):
+        out = tmp_path / f"eval-{tta}"
+        assert main.main(["-mode", "eval", "--weights", str(weights), "--data", str(root), "--workers", "0",
+                          "--device", "cpu", "--output", str(out), *(["--tta", tta] if tta else [])]) == 0
+        metrics = json.loads((out / "metrics_val.json").read_text())
+        assert metrics["tta"] == tta
+        found[tta] = json.loads((out / "detections_val.json").read_text())
+    assert found["flip"] != found[None] and len(found["flip"]) > 0
