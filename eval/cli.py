@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import argparse
-import errno
-import os
-from pathlib import Path
 
 from data.coco import CocoDetection
 from eval.coco_eval import format_stats
 from deploy.backends import network_from_args
 from eval.evaluator import Detector, evaluate
 from eval.voc_eval import evaluate_voc, format_voc, reports_voc_metric
-from utils.atomic import check_writable_dir, write_json
+from utils.atomic import check_writable_dir, refuse_unwritable_output, write_json
 from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
                        dataset_paths, load_detector, number, resolve_device)
 
@@ -37,21 +34,6 @@ def check_label_space(info: dict, dataset: CocoDetection) -> None:
     if info["class_names"] is not None and list(info["class_names"]) != list(dataset.class_names):
         raise ValueError(f"--weights {info['source']}: its class names {info['class_names'][:5]}... differ "
                          f"from those of {dataset.ann_file} {dataset.class_names[:5]}...")
-
-
-def refuse_unwritable_output(path: str | os.PathLike, flag: str = "--output") -> None:
-    """The error `check_writable_dir` would raise for folder `path`, found without creating anything: its
-    nearest existing ancestor must be a folder this process may write in. A run checks its output before
-    any work, but creates it only once its inputs are good: one that fails on them leaves no folder behind."""
-    path = Path(path)
-    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
-    reason = None
-    if not existing.is_dir():
-        reason = "exists and is not a folder" if existing == path else os.strerror(errno.ENOTDIR)
-    elif not os.access(existing, os.W_OK | os.X_OK):
-        reason = os.strerror(errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES)
-    if reason:
-        raise OSError(f"{flag} {path}: cannot write there ({reason.lower()})")
 
 
 def voc_metric(dataset: CocoDetection, results: list[dict], run: dict) -> dict | None:

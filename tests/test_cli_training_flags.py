@@ -256,26 +256,20 @@ def test_sync_bn_alone_keeps_plain_batchnorm(shapes, tmp_path):
     assert _seeded_losses(synced) == _seeded_losses(plain)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="--sync-bn under CPU DDP (gloo) fails while building the Trainer with "
-                                       "torch's 'SyncBatchNorm layers only work with GPU modules' "
-                                       "(DistributedDataParallel refuses CPU SyncBatchNorm): neither trained "
-                                       "nor refused up front naming the flag")
-def test_sync_bn_under_cpu_ddp_builds_or_is_refused_naming_the_flag(shapes, tmp_path, monkeypatch):
+def test_sync_bn_under_cpu_ddp_is_refused_naming_the_flag(shapes, tmp_path, monkeypatch):
     """The trainer of rank 0 of a 2-process CPU run (`torchrun --nproc_per_node 2 main.py ... --sync-bn
-    --device cpu` fails the same way): WORLD_SIZE / RANK as torchrun sets them, over an already initialised
-    gloo group (of one process, which is all DistributedDataParallel's construction needs)."""
+    --device cpu`): WORLD_SIZE / RANK as torchrun sets them, over an already initialised gloo group (of one
+    process, which is all DistributedDataParallel's construction needs). torch's SyncBatchNorm runs on CUDA
+    only: refused in one line naming the flag, before the run folder is made (it used to fail inside DDP)."""
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     try:
-        try:
-            trainer = Trainer(_args(shapes, tmp_path / "ddp", "--sync-bn"))
-        except ValueError as e:
-            assert str(e).startswith("--sync-bn"), str(e)  # a refusal in the project's words, naming the flag
-        else:
-            assert trainer.dist.enabled
+        with pytest.raises(ValueError, match="^--sync-bn: torch's SyncBatchNorm runs on CUDA devices only"):
+            Trainer(_args(shapes, tmp_path / "ddp", "--sync-bn"))
     finally:
         dist.destroy_process_group()
+    assert not (tmp_path / "ddp").exists()
 
 
 # ---------------------------------------------------------------- --pretrained and the weights folder setting

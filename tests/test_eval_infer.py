@@ -8,7 +8,7 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import main
-from eval.cli import refuse_unwritable_output
+from utils.atomic import refuse_unwritable_output
 from eval.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from eval.infer import class_colour
 from model import build_model

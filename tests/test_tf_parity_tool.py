@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import FIXTURE, SHARED_FIXTURES, require_fixture
+from conftest import FIXTURE, SHARED_FIXTURES, missing_fixture, require_fixture
 from parity_runs import parity_run
 from parity import tf_parity
 from parity.checks import FixtureError
@@ -25,7 +25,7 @@ def _fixture_dirs():
 @pytest.mark.parametrize("folder", _fixture_dirs() or [None], ids=lambda p: p.name if p else "none")
 def test_every_shared_fixture_is_within_tolerance(folder):
     if folder is None:
-        pytest.skip(f"no reference fixtures at {SHARED_FIXTURES} (the shared/ folder beside the repo)")
+        missing_fixture(f"no reference fixtures at {SHARED_FIXTURES} (the shared/ folder beside the repo)")
     try:
         result = parity_run(folder)
     except FixtureError as e:

@@ -21,7 +21,8 @@ from train.ema import unwrap_model  # noqa: E402
 from train.keep_best import keep_best, kept_checkpoints  # noqa: E402
 from model import build_model  # noqa: E402
 from model_helpers import free_port  # noqa: E402
-from train.trainer import LOSS_TERMS, Trainer  # noqa: E402
+from train.step import LOSS_TERMS  # noqa: E402
+from train.trainer import Trainer  # noqa: E402
 from utils.weights import save_weights  # noqa: E402
 
 HALF_BATCH = 2  # per process in the 2-process run; the single process takes 2 x HALF_BATCH

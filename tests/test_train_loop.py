@@ -71,6 +71,21 @@ def test_run_folder_is_never_overwritten_and_resume_checks_flags(shapes, tmp_pat
         Trainer(_args(shapes, tmp_path / "run", "--resume", "--lr", "0.5"))
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
         Trainer(_args(shapes, tmp_path / "empty", "--resume"))
+    assert not (tmp_path / "empty").exists()
+
+
+def test_a_run_refused_on_its_inputs_leaves_no_run_folder(shapes, tmp_path):
+    """The output folder is checked first but made only once the data, model and weights are good."""
+    with pytest.raises(FileNotFoundError):
+        Trainer(_args(tmp_path / "no-such-dataset", tmp_path / "run"))
+    with pytest.raises(ValueError, match="--batch-size 64"):
+        Trainer(_args(shapes, tmp_path / "run", "--batch-size", "64"))
+    with pytest.raises(FileNotFoundError):
+        Trainer(_args(shapes, tmp_path / "run", "--weights", str(tmp_path / "missing.pth")))
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="cannot write there"):
+        Trainer(_args(shapes, tmp_path / "file" / "run"))
 
 
 def test_fine_tuning_with_other_classes_keeps_all_but_the_class_predictor(shapes, tmp_path, capsys):

@@ -20,6 +20,7 @@ import argparse
 import json
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -45,10 +46,10 @@ from train.interrupt import Interrupted, StopRequests
 from train.keep_best import keep_best
 from train.loss import detection_loss
 from train.optim import run_warmup_epochs
-from train.step import LOSS_TERMS, TrainStep, lr_schedule  # noqa: F401 (LOSS_TERMS: read here by callers)
+from train.step import TrainStep, lr_schedule
 from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
-from utils.atomic import append_line, check_writable_dir
+from utils.atomic import append_line, check_writable_dir, refuse_unwritable_output
 from utils.cli import DEFAULT_MODEL, dataset_paths, resolve_device
 from utils.weights import atomic_torch_save, load_pth
 
@@ -61,8 +62,12 @@ class Trainer:
         if args.tensorboard:
             summary_writer_class()  # a missing tensorboard package is said before any work
         check_freeze_start(args)
-        self.output = check_writable_dir(args.output or f"runs/{args.model or DEFAULT_MODEL}")
+        self.output = Path(args.output or f"runs/{args.model or DEFAULT_MODEL}")
+        self._check_run_folder()  # created only once the inputs are good: a run refused on them leaves none
         self.dist, self.device = init_distributed(resolve_device(args.device))
+        if args.sync_bn and self.dist.enabled and self.device.type != "cuda":
+            raise ValueError(f"--sync-bn: torch's SyncBatchNorm runs on CUDA devices only, not {self.device.type}; "
+                             f"drop the flag (each process then normalises its own batch)")
         self.validate = hasattr(args, "eval_every")
         self.model_name = args.model or DEFAULT_MODEL
         torch.manual_seed(args.seed)
@@ -115,13 +120,18 @@ class Trainer:
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
     # ---------------------------------------------------------------- set-up
-    def _prepare_run_folder(self) -> None:
+    def _check_run_folder(self) -> None:
+        """Refuse an --output that cannot be written, holds another run, or has no run to --resume."""
+        refuse_unwritable_output(self.output)
         last = self.output / "last.pth"
         if last.exists() and not self.args.resume:
             raise FileExistsError(f"--output {self.output}: already holds a run (last.pth); use --resume to "
                                   f"continue it or choose another --output")
         if self.args.resume and not last.exists():
             raise FileNotFoundError(f"--resume: {last} does not exist (nothing to resume)")
+
+    def _prepare_run_folder(self) -> None:
+        check_writable_dir(self.output)
         if not self.args.resume and self.dist.is_main:  # a run killed before its first checkpoint left this
             (self.output / "metrics.jsonl").unlink(missing_ok=True)
 

@@ -95,6 +95,21 @@ def append_line(path: str | os.PathLike, line: str) -> None:
         raise WriteError(path, e) from e
 
 
+def refuse_unwritable_output(path: str | os.PathLike, flag: str = "--output") -> None:
+    """The error `check_writable_dir` would raise for folder `path`, found without creating anything: its
+    nearest existing ancestor must be a folder this process may write in. A run checks its output before
+    any work, but creates it only once its inputs are good: one that fails on them leaves no folder behind."""
+    path = Path(path)
+    existing = next(p for p in (path, *path.absolute().parents) if p.exists())
+    reason = None
+    if not existing.is_dir():
+        reason = "exists and is not a folder" if existing == path else os.strerror(errno.ENOTDIR)
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        reason = os.strerror(errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES)
+    if reason:
+        raise OSError(f"{flag} {path}: cannot write there ({reason.lower()})")
+
+
 def check_writable_dir(path: str | os.PathLike, flag: str = "--output") -> Path:
     """Create folder `path` if needed and check that files can be written in it; a clear OSError otherwise.
 
