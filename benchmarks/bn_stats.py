@@ -1,4 +1,4 @@
-"""A/B: what the NCHW batch statistics of channels_last training (model/layers.py) cost the trainer's step.
+"""A/B: what the exact batch statistics of channels_last training (model/layers.py) cost the trainer's step.
 
     python benchmarks/bn_stats.py                 # D0, 512 px, batch 4, fp32 and bf16 AMP, 9 timed pairs
     python benchmarks/bn_stats.py --runs 15 --precisions fp32
@@ -52,7 +52,7 @@ def _step(precision: str, size: int, batch: int, seed: int):
 def _native_statistics():
     """PyTorch's own channels_last BN statistics: the exact path of model/layers.py switched off."""
     from model import layers
-    return mock.patch.object(layers, "_channels_last_cpu", lambda x: False)
+    return mock.patch.object(layers, "_needs_blocked_stats", lambda x: False)
 
 
 def _time(run, context) -> float:
@@ -82,7 +82,7 @@ def main(argv=None) -> None:
     print(f"CPU: {describe()}, {args.threads} threads, torch {torch.__version__}")
     print(f"D0 {args.size} px, batch {args.batch}: the trainer's step (channels_last), median of {args.runs} "
           f"pairs after {args.warmup}\n")
-    print("| precision | native BN statistics (s/step) | NCHW statistics (s/step) | exact / native (median of "
+    print("| precision | native BN statistics (s/step) | exact statistics (s/step) | exact / native (median of "
           "pairs) |")
     print("|---|---|---|---|")
     for precision in args.precisions:

@@ -101,97 +101,106 @@ class SeparableConv2d(nn.Module):
 # row in float32 (one running sum per thread over N*H*W / threads rows), its NCHW kernel takes per-(image,
 # channel) moments combined pairwise: on D0's stem at 512 px the variance is 3e-4 from float64 against 1e-7,
 # and a training step's logits 1.6e-3 from the float64 official step against 1.6e-5 (parity.training). So in
-# training the statistics of a channels_last CPU tensor come from the NCHW kernel, on an NCHW copy of the
-# input; the normalisation and the backward stay channels_last. `_BatchNormSwish` copies for the statistics
-# alone, a block of channels at a time: blocks of <= STATS_BLOCK_BYTES stay within the heap's reuse instead
-# of a fresh mapping per copy (utils/allocator.py). The other BN layers (no activation, or relu6) run as a
-# module: hooks run them in NCHW (input copied in, output copied back), see `batch_norm`.
-STATS_BLOCK_BYTES = 8 << 20
+# training the channels_last kernel runs on blocks of STATS_BLOCK_ROWS pixels (rows of the `[N*H*W, C]`
+# matrix the memory is), whose moments are combined in float64: within 2x of NCHW's distance from float64 (its
+# error grows with the block: 2048 rows put the step's box outputs at 2.5x NCHW's distance, 1024 at 1.2x).
+# Measured cost (`benchmarks/bn_stats.py --runs 15`, AMD EPYC, D0 512 batch 4): the fp32 step 1.05x, bf16 AMP
+# 1.04x; an NCHW copy for the statistics, as exact, cost 1.29x / 1.14x. The normalisation and the
+# backward stay channels_last.
+STATS_BLOCK_ROWS = 1024
 
 
-def _channels_last_cpu(x: torch.Tensor) -> bool:
-    """True for a `[N, C, H, W]` CPU tensor laid out channels_last (and not also NCHW-contiguous)."""
+def _needs_blocked_stats(x: torch.Tensor) -> bool:
+    """True for a `[N, C, H, W]` CPU tensor laid out channels_last (and not also NCHW-contiguous) with more than
+    one block of pixels: one block is what the channels_last kernel sums exactly enough by itself."""
     return (x.device.type == "cpu" and x.dim() == 4 and not x.is_contiguous()
-            and x.is_contiguous(memory_format=torch.channels_last))
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and x.shape[0] * x.shape[2] * x.shape[3] > STATS_BLOCK_ROWS)
 
 
-def _nchw_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
-                      momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) `[C]` of `x [N, C, H, W]` over (N, H, W) by the NCHW kernel, the running
-    statistics updated as `nn.BatchNorm2d` does (unbiased variance); blocks of channels of `x` are copied."""
-    plane = x[:, :1].numel() * x.element_size()
-    block = max(1, STATS_BLOCK_BYTES // plane)
-    parts = [torch.batch_norm_update_stats(x[:, i:i + block].contiguous(), running_mean[i:i + block],
-                                           running_var[i:i + block], momentum) for i in range(0, x.shape[1], block)]
-    return torch.cat([mean for mean, _ in parts]), torch.cat([var for _, var in parts])
+def _blocked_batch_stats(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor,
+                         momentum: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) `[C]` of a channels_last `x [N, C, H, W]` over (N, H, W), the running
+    statistics updated as `nn.BatchNorm2d` does (unbiased variance). Each block of <= STATS_BLOCK_ROWS pixels
+    is a `[1, C, 1, rows]` channels_last view of the same memory; the blocks' moments are combined exactly
+    (Chan et al.: total M2 = sum of the blocks' M2 + count * (block mean - mean)^2) in float64."""
+    n, c, h, w = x.shape
+    rows = n * h * w
+    starts = range(0, rows, STATS_BLOCK_ROWS)
+    counts = [min(STATS_BLOCK_ROWS, rows - start) for start in starts]
+    parts = [torch.batch_norm_update_stats(
+        torch.as_strided(x, (1, c, 1, k), (k * c, 1, k * c, c), x.storage_offset() + start * c), None, None, 0.0)
+        for start, k in zip(starts, counts)]
+    means = torch.stack([m for m, _ in parts]).double()  # [B, C]
+    variances = torch.stack([v for _, v in parts]).double()  # batch_norm_update_stats: biased
+    weights = torch.tensor(counts, dtype=torch.float64)[:, None] / rows
+    mean = (weights * means).sum(0)
+    var = (weights * (variances + (means - mean) ** 2)).sum(0)
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * rows / max(rows - 1, 1)).to(running_var.dtype), alpha=momentum)
+    return mean.to(running_mean.dtype), var.to(running_var.dtype)  # the dtype of the parameters (bf16 AMP: fp32)
 
 
-def _to_nchw_in_training(bn: nn.BatchNorm2d, args: tuple) -> tuple | None:
-    """Forward pre-hook of `batch_norm`: a channels_last CPU input is copied to NCHW in training."""
-    if bn.training and _channels_last_cpu(args[0]):
-        bn.channels_last_output = True
-        return (args[0].contiguous(),)
-    return None
+class BatchNorm2d(nn.BatchNorm2d):
+    """`nn.BatchNorm2d` (same parameters, buffers and state_dict) whose training-mode batch statistics of a
+    channels_last CPU input are as exact as NCHW's (`_blocked_batch_stats`); otherwise `nn.BatchNorm2d`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and _needs_blocked_stats(x):
+            self.num_batches_tracked.add_(1)
+            return _BatchNormAct.apply(x, self.weight, self.bias, self.running_mean, self.running_var,
+                                       self.momentum, self.eps, False)
+        return super().forward(x)
 
 
-def _back_to_channels_last(bn: nn.BatchNorm2d, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
-    """Forward hook of `batch_norm`: the output of an input `_to_nchw_in_training` copied goes back to
-    channels_last, the layout the next layers expect."""
-    if bn.__dict__.pop("channels_last_output", False):
-        return output.contiguous(memory_format=torch.channels_last)
-    return None
+def batch_norm(channels: int) -> BatchNorm2d:
+    """BatchNorm with the official eps 1e-3 and TF momentum 0.99 (PyTorch momentum 0.01)."""
+    return BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
 
 
-def batch_norm(channels: int) -> nn.BatchNorm2d:
-    """BatchNorm with the official eps 1e-3 and TF momentum 0.99 (PyTorch momentum 0.01); in training, a
-    channels_last CPU input is normalised in NCHW (hooks), for NCHW's exact batch statistics (see above)."""
-    bn = nn.BatchNorm2d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
-    bn.register_forward_pre_hook(_to_nchw_in_training)
-    bn.register_forward_hook(_back_to_channels_last)
-    return bn
-
-
-class _BatchNormSwish(torch.autograd.Function):
-    """swish(batch_norm(x)) in training mode, keeping only x for backward.
+class _BatchNormAct(torch.autograd.Function):
+    """batch_norm(x) in training mode, followed by swish when `swish`, keeping only x for backward.
 
     Composed of modules, autograd would keep x (for BN), the BN output (for swish) and hand the swish output
     to the next layer: the BN output is one activation-sized tensor per BN-swish pair that is cheap to
     recompute from x and the batch statistics. Same running-statistics update as nn.BatchNorm2d; the batch
-    statistics of a channels_last CPU `x` by the NCHW kernel (`_nchw_batch_stats`), applied to `x` as it is.
+    statistics of a channels_last CPU `x` by `_blocked_batch_stats`, applied to `x` as it is.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float):
-        if _channels_last_cpu(x):
-            mean, var = _nchw_batch_stats(x, running_mean, running_var, momentum)
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, swish: bool):
+        if _needs_blocked_stats(x):
+            mean, var = _blocked_batch_stats(x, running_mean, running_var, momentum)
             invstd = torch.rsqrt(var + eps)
             y = torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps, False)
         else:
             y, mean, invstd = torch.native_batch_norm(x, weight, bias, running_mean, running_var, True, momentum,
                                                       eps)
         ctx.save_for_backward(x, weight, bias, mean, invstd)
-        ctx.eps = eps
-        return F.silu(y, inplace=True)
+        ctx.eps, ctx.swish = eps, swish
+        return F.silu(y, inplace=True) if swish else y
 
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, bias, mean, invstd = ctx.saved_tensors
-        # The BN output again, by the eval kernel fed the batch statistics (var = invstd^-2 - eps).
-        y = torch.batch_norm(x, weight, bias, mean, invstd.pow(-2) - ctx.eps, False, 0.0, ctx.eps, False)
-        grad_y = torch.ops.aten.silu_backward(grad_out, y)
-        del y
+        grad_y = grad_out
+        if ctx.swish:  # the BN output again, by the eval kernel fed the batch statistics (var = invstd^-2 - eps)
+            y = torch.batch_norm(x, weight, bias, mean, invstd.pow(-2) - ctx.eps, False, 0.0, ctx.eps, False)
+            grad_y = torch.ops.aten.silu_backward(grad_out, y)
+            del y
         grads = torch.ops.aten.native_batch_norm_backward(grad_y, x, weight, None, None, mean, invstd, True,
                                                           ctx.eps, list(ctx.needs_input_grad[:3]))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def bn_swish(bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    """`swish(bn(x))`, `[N, C, H, W]` in and out; when training with autograd, with `_BatchNormSwish`."""
+    """`swish(bn(x))`, `[N, C, H, W]` in and out; when training with autograd, with `_BatchNormAct`."""
     # SyncBatchNorm (--sync-bn) must go through its own module to synchronise the batch statistics.
-    if not (type(bn) is nn.BatchNorm2d and bn.training and torch.is_grad_enabled()):
+    if not (isinstance(bn, nn.BatchNorm2d) and bn.training and torch.is_grad_enabled()):
         return F.silu(bn(x))
     bn.num_batches_tracked.add_(1)
-    return _BatchNormSwish.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+    return _BatchNormAct.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, True)
 
 
 def activation(x: torch.Tensor, act_type: str, inplace: bool = False) -> torch.Tensor:

@@ -84,33 +84,48 @@ def test_float64_step_equals_the_official_float64_step(exact_checks):
 
 
 # ---------------------------------------------------------------- channels_last BN statistics
-@pytest.mark.parametrize("block_bytes", [8 << 20, 1000])  # one copy; a block of channels at a time
-def test_channels_last_batch_norm_takes_the_nchw_statistics(monkeypatch, block_bytes):
-    """In training, a channels_last CPU input gets the statistics of the NCHW kernel (model/layers.py): the
-    same running statistics bit for bit, outputs and gradients as NCHW's, and a channels_last output."""
+@pytest.mark.parametrize("block_rows", [None, 100])  # the default; many blocks, the last one short
+def test_channels_last_batch_norm_is_as_exact_as_nchw(monkeypatch, block_rows):
+    """In training, a channels_last CPU input gets batch statistics as exact as the NCHW kernel's (model/layers.py,
+    blocks of pixels combined in float64), so outputs as close to float64 as NCHW's, in channels_last; the
+    channels_last kernel alone is far off on this input (offset 5, spread 3). Distances are relative to float64
+    (max |delta| / max |float64|); "as exact" = within 2x NCHW's, or 2 float32 ulps (what storing a float32
+    result costs by itself). The backward's reductions are PyTorch's channels_last kernel, in both paths;
+    the step test below bounds what reaches the head gradients."""
     from torch import nn
 
     from model import layers
 
-    monkeypatch.setattr(layers, "STATS_BLOCK_BYTES", block_bytes)
-    x = torch.randn(2, 24, 20, 18, generator=torch.Generator().manual_seed(0)) * 3 + 5
+    if block_rows is not None:
+        monkeypatch.setattr(layers, "STATS_BLOCK_ROWS", block_rows)
+    x = torch.randn(4, 24, 96, 80, generator=torch.Generator().manual_seed(0)) * 3 + 5
     bn = layers.batch_norm(24)
     nn.init.normal_(bn.weight)
     nn.init.normal_(bn.bias)
-    results = {}
-    for layout in (torch.contiguous_format, torch.channels_last):
-        for act in ("swish", "none"):
-            module = copy.deepcopy(bn).train()
-            inputs = x.clone(memory_format=layout).requires_grad_()
+    bn.momentum = 1.0  # the running statistics become the batch's: mean and unbiased variance
+
+    def run(layout, act, dtype=torch.float32, stats_kernel=None):
+        module = copy.deepcopy(bn).to(dtype).train()
+        inputs = x.to(dtype).clone(memory_format=layout).requires_grad_()
+        with monkeypatch.context() as patch:
+            if stats_kernel is not None:
+                patch.setattr(layers, "_needs_blocked_stats", stats_kernel)
             out = layers.bn_swish(module, inputs) if act == "swish" else module(inputs)
-            out.square().sum().backward()
-            assert out.is_contiguous(memory_format=layout)
-            results[layout, act] = (out, inputs.grad, module.weight.grad, module.running_mean, module.running_var)
+        out.square().sum().backward()
+        assert out.is_contiguous(memory_format=layout)
+        return out, inputs.grad, module.weight.grad, module.running_mean, module.running_var
+
+    def distances(result, exact):
+        return [float((a.double() - b).abs().max() / b.abs().max()) for a, b in zip(result, exact)]
+
     for act in ("swish", "none"):
-        nchw, nhwc = results[torch.contiguous_format, act], results[torch.channels_last, act]
-        assert torch.equal(nchw[3], nhwc[3]) and torch.equal(nchw[4], nhwc[4])
-        for a, b in zip(nchw[:3], nhwc[:3]):
-            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        exact = run(torch.contiguous_format, act, torch.float64)
+        nchw = distances(run(torch.contiguous_format, act), exact)
+        nhwc = distances(run(torch.channels_last, act), exact)
+        native = distances(run(torch.channels_last, act, stats_kernel=lambda t: False), exact)
+        checked = [0, 3, 4]  # the output and the running statistics
+        assert all(nhwc[i] <= max(2 * nchw[i], 2 ** -22) for i in checked), (act, nhwc, nchw)
+        assert max(native[3:]) > 10 * max(nhwc[3:]), (act, native, nhwc)  # the statistics
 
 
 def _distances_from_exact(float64: bool, flags: tuple[str, ...] = ()) -> dict[str, float]:
