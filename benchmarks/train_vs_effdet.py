@@ -62,7 +62,7 @@ from train.loss import detection_loss  # noqa: E402
 from train.optim import CosineLrSchedule, build_optimizer, run_warmup_epochs  # noqa: E402
 from train.trainer import epoch_order  # noqa: E402
 from utils.allocator import reuse_freed_memory  # noqa: E402
-from utils.atomic import atomic_open, check_writable_dir, write_json  # noqa: E402
+from data.atomic import atomic_open, check_writable_dir, write_json  # noqa: E402
 from utils.cli import SHAPES_ROOT, number  # noqa: E402
 from model.cpu import describe  # noqa: E402
 

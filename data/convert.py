@@ -17,7 +17,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from utils.atomic import write_json  # a leaf module (standard library only): the atomic write of every json
+from data.atomic import write_json  # a leaf module (standard library only): the atomic write of every json
 
 from .formats import dataset_format
 from .voc import read_voc

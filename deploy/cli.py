@@ -5,7 +5,7 @@ import argparse
 import time
 
 from model.config import parse_image_size
-from utils.atomic import check_writable_dir
+from data.atomic import check_writable_dir
 from utils.cli import add_model_args, add_weights_args, load_detector, number
 
 from .export import EXPORT_PRECISIONS, FORMATS, export_model

@@ -91,7 +91,7 @@ def make_sidecar(config: EfficientDetConfig, info: dict, runtime: str, file: str
 
 
 def write_sidecar(sidecar: dict, folder: Path) -> Path:
-    from utils.atomic import write_json
+    from data.atomic import write_json
     path = Path(folder) / SIDECAR
     write_json(sidecar, path, indent=1)
     return path

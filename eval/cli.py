@@ -8,7 +8,7 @@ from eval.coco_eval import format_stats
 from deploy.backends import network_from_args
 from eval.evaluator import Detector, evaluate
 from eval.voc_eval import evaluate_voc, format_voc, reports_voc_metric
-from utils.atomic import check_writable_dir, refuse_unwritable_output, write_json
+from data.atomic import check_writable_dir, refuse_unwritable_output, write_json
 from utils.cli import (add_data_args, add_inference_args, add_model_args, add_runtime_args, add_weights_args,
                        dataset_paths, load_detector, number, resolve_device)
 

@@ -29,7 +29,7 @@ from data.image_io import ImageReadError, read_rgb
 from eval.predictor import Predictor, photo_detections
 from eval.video import AnnotatedVideo, Frame, StopOnSignal, VideoSource, open_video
 from model.postprocess import Detections
-from utils.atomic import atomic_open, check_writable_dir, write_json
+from data.atomic import atomic_open, check_writable_dir, write_json
 from utils.cli import add_inference_args, add_model_args, add_weights_args, number, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}

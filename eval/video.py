@@ -6,7 +6,7 @@ library to install; every failure is an exception with FFmpeg's reason (missing 
 when processing input", "Decoder not found"), where OpenCV's `VideoCapture` only answers `isOpened() ==
 False`; each frame carries its presentation time, so `time_s` is the stream's own, also for variable frame
 rates; frames come out as RGB (OpenCV's are BGR); and it writes to a Python file object, so the output goes
-through `utils.atomic.atomic_open` like every other file the project writes.
+through `data.atomic.atomic_open` like every other file the project writes.
 
 * `open_video(spec)`: a file path, or a camera index (digits: `/dev/videoN` through v4l2 on Linux, device N
   of AVFoundation on macOS). Every failure is a `VideoError` (a ValueError) of one line, `--video SPEC: ...`.
@@ -30,7 +30,7 @@ from typing import Iterator
 import av
 import numpy as np
 
-from utils.atomic import atomic_open
+from data.atomic import atomic_open
 
 
 class VideoError(ValueError):

@@ -8,13 +8,13 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 import main
-from utils.atomic import refuse_unwritable_output
+from data.atomic import refuse_unwritable_output
 from eval.coco_eval import STAT_NAMES, detections_to_coco, evaluate_coco
 from eval.infer import class_colour
 from model import build_model
 from model.postprocess import Detections
 from model_helpers import tiny_shapes_run
-from utils.atomic import check_writable_dir
+from data.atomic import check_writable_dir
 from utils.weights import save_weights
 
 

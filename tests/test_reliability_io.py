@@ -19,7 +19,7 @@ from conftest import ROOT
 from eval.infer import image_detections
 from model import build_model
 from model.postprocess import Detections
-from utils.atomic import atomic_open, write_json
+from data.atomic import atomic_open, write_json
 from utils.pretrained import resolve_pretrained
 from utils.weights import atomic_torch_save, load_weights, save_weights
 

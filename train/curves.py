@@ -14,7 +14,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from utils.atomic import atomic_open
+from data.atomic import atomic_open
 
 BOX_LOSS_WEIGHT = 50.0  # official box_loss_weight: box_loss is drawn as the share it has in `loss`
 

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from utils.atomic import atomic_open
+from data.atomic import atomic_open
 
 # Flags that define a run: --resume must be given the same ones.
 RUN_FLAGS = ("model", "image_size", "batch_size", "epochs", "lr", "warmup_epochs", "weight_decay", "clip_norm",

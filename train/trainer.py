@@ -49,7 +49,7 @@ from train.optim import run_warmup_epochs
 from train.step import TrainStep, lr_schedule
 from train.run_config import changed_run_flags, run_config, truncate_metrics
 from train.tensorboard_log import TensorBoardLog, summary_writer_class
-from utils.atomic import append_line, check_writable_dir, refuse_unwritable_output
+from data.atomic import append_line, check_writable_dir, refuse_unwritable_output
 from utils.cli import DEFAULT_MODEL, dataset_paths, resolve_device
 from utils.weights import atomic_torch_save, load_pth
 

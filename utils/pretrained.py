@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from utils.atomic import WriteError, check_writable_dir
+from data.atomic import WriteError, check_writable_dir
 from utils.port_tf import port_tf_checkpoint
 
 WEIGHTS_DIR_ENV = "EFFICIENTDET_WEIGHTS_DIR"

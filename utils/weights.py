@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from utils.atomic import atomic_open
+from data.atomic import atomic_open
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
-    """`torch.save` that never leaves a half-written file (see `utils.atomic`)."""
+    """`torch.save` that never leaves a half-written file (see `data.atomic`)."""
     with atomic_open(path) as f:
         torch.save(obj, f)
 
