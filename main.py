@@ -17,7 +17,7 @@ MODES = {
     "eval": ("eval.cli", "add_eval_args", "run_eval",
              "COCO evaluation (official soft-NMS path) of --pretrained or --weights on a COCO-format dataset"),
     "infer": ("eval.infer", "add_infer_args", "run_infer",
-              "detect objects in images: drawn PNGs and detections.json"),
+              "detect objects in images (drawn PNGs) or a video / camera (annotated MP4), and detections.json"),
     "summary": ("utils.summary", "add_summary_args", "run_summary", "parameter and FLOP counts of the variants"),
     "export": ("deploy.cli", "add_export_args", "run_export",
                "export --pretrained or --weights to ONNX or OpenVINO IR with a JSON sidecar"),

@@ -11,6 +11,8 @@ goes first in each pair: "native" with PyTorch's channels_last BN statistics (th
 "exact" as the trainer runs. Allocator as `main.py` trains (`utils.allocator`, training setting), threads as
 benchmarks/speed.py (2). The table gives each variant's median step time and the median over the pairs of
 exact / native (the step-time cost of the change).
+
+Its table lives in docs/speed.md (Training in channels_last).
 """
 from __future__ import annotations
 
