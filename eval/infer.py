@@ -29,7 +29,7 @@ from data.image_io import ImageReadError, read_rgb
 from eval.predictor import Predictor, photo_detections
 from eval.video import AnnotatedVideo, Frame, StopOnSignal, VideoSource, open_video
 from model.postprocess import Detections
-from data.atomic import atomic_open, check_writable_dir, write_json
+from data.atomic import atomic_open, check_writable_dir, refuse_unwritable_output, write_json
 from utils.cli import add_inference_args, add_model_args, add_weights_args, number, resolve_device
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -123,9 +123,10 @@ def run_infer(args: argparse.Namespace) -> list[dict]:
     if args.video is not None:
         with open_video(args.video) as source:  # a bad video before the output folder is made
             return run_video(args, source)
-    output = check_writable_dir(args.output)
+    refuse_unwritable_output(args.output)  # checked first, made once the images and weights are good
     files = list_images(args.images)
     predictor = Predictor.from_args(args)
+    output = check_writable_dir(args.output)
     out_names = _output_names(files)
     results, unreadable = [], Counter()
     # In a terminal only (disable=None), where the per-file lines scroll above it; `with`: an error mid-run
@@ -181,8 +182,9 @@ def run_video(args: argparse.Namespace, source: VideoSource) -> list[dict]:
     path = Path(args.output) / f"{source.name}.mp4"
     if not source.is_camera and path.resolve() == Path(source.spec).resolve():
         raise ValueError(f"--video {source.spec}: the annotated video would overwrite it; choose another --output")
-    output = check_writable_dir(args.output)
+    refuse_unwritable_output(args.output)
     predictor = Predictor.from_args(args)
+    output = check_writable_dir(args.output)  # made once the weights are good
     results = []
     video = AnnotatedVideo(path, source.fps, source.width, source.height)
     with StopOnSignal(source.is_camera) as stop, video, tqdm(total=source.frame_count, desc="video", unit="frame",

@@ -98,6 +98,18 @@ def test_eval_mode_with_missing_data_creates_no_folder(tiny, tmp_path, capsys, m
     assert capsys.readouterr().err.startswith("error: ") and list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("bad", ["images", "weights"])
+def test_infer_mode_refused_on_its_inputs_creates_no_folder(tiny, tmp_path, capsys, bad):
+    """`-mode infer` checks --output first but makes it only once the images and the weights are good."""
+    _, weights, _ = tiny
+    images = tmp_path / "nowhere.png" if bad == "images" else tiny[0] / "val2017"
+    weights = tmp_path / "missing.pth" if bad == "weights" else weights
+    out = tmp_path / "out"
+    assert main.main(["-mode", "infer", "--weights", str(weights), "--images", str(images), "--output", str(out),
+                      "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not out.exists()
+
+
 def _error(check, path) -> str | None:
     try:
         check(path)
