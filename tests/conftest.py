@@ -60,6 +60,17 @@ def missing_fixture(message: str) -> None:
     pytest.skip(message)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny inputs (`pytestmark = pytest.mark.usefixtures("one_thread")`): they
+    gain nothing from a second thread, and on a busy 2-core machine a 2-thread pool waits for a preempted
+    thread at every op (training steps measured 10x slower); results do not depend on it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def fixture_dir() -> Path:
     return require_fixture(FIXTURE, "model.index")

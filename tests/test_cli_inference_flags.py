@@ -22,14 +22,7 @@ from utils.weights import detector_from_weights
 EXPORT_SIZE = 64  # the smallest export worth its time: D0 accepts it, ONNX Runtime runs it
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs gain nothing from a second thread, and on a busy 2-core machine a 2-thread pool waits for a
-    preempted thread at every op; the results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny inputs, one thread
 
 
 @pytest.fixture(scope="module")

@@ -23,13 +23,7 @@ from utils.random_weights import randomise_
 NUM_CLASSES = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny inputs gain nothing from a second thread on a shared 2-core machine; results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny inputs, one thread
 
 
 @pytest.fixture(scope="module")
