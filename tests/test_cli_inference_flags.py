@@ -1,25 +1,21 @@
 """Inference-side flags from the command line: `-mode infer|eval --precision bf16|fp16` and `--compile` reach
-the network the detector runs; `-mode summary` reports the variant's parameters; `-mode export
---dynamic-batch --with-nms` writes an ONNX file with a dynamic batch axis and the NMS outputs.
+the network the detector runs; `-mode summary` reports the variant's parameters; `-mode export`'s flags reach
+the exporter (the real `--dynamic-batch --with-nms` export of D0 is checked in tests/test_export.py).
 
 `--compile` is checked without compiling (inductor takes minutes on a 2-core CPU): `torch.compile` is replaced
 by a recorder that returns the module, so the test sees what would be compiled and that it runs."""
 import json
 
-import numpy as np
 import pytest
 import torch
 
 import main
-from deploy.graph import DetectionGraph
 from eval.evaluator import Detector
 from model import build_model
 from model.cpu import unsupported_precision
 from model.inference import PRECISIONS, FusedEfficientDet, _CompileOrEager
 from model_helpers import tiny_shapes_run
-from utils.weights import detector_from_weights
-
-EXPORT_SIZE = 64  # the smallest export worth its time: D0 accepts it, ONNX Runtime runs it
+from precision_helpers import UNIT_ROUNDOFF
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny inputs, one thread
@@ -79,7 +75,7 @@ def test_precision_flag_reaches_the_network(tiny, tmp_path, detectors, mode, pre
 
 
 def test_infer_bf16_detections_are_fp32_ones_rounded(tiny, tmp_path):
-    """The effect on what infer writes: the same leading detection, with a score changed by bf16 rounding."""
+    """The effect on what infer writes: scores changed by bf16 rounding, and by no more than that."""
     reason = unsupported_precision("bf16")
     if reason:
         pytest.skip(reason)
@@ -87,10 +83,11 @@ def test_infer_bf16_detections_are_fp32_ones_rounded(tiny, tmp_path):
     for precision in ("fp32", "bf16"):
         assert _run("infer", tiny, tmp_path / precision, "--precision", precision) == 0
         found[precision] = json.loads((tmp_path / precision / "detections.json").read_text())
-    best = {p: max(dets, key=lambda d: d["score"]) for p, dets in found.items()}
-    assert best["bf16"]["class"] == best["fp32"]["class"]
-    assert best["bf16"]["score"] == pytest.approx(best["fp32"]["score"], abs=0.05)
-    assert [d["score"] for d in found["bf16"]] != [d["score"] for d in found["fp32"]]
+    # Robust to how a CPU's bf16 kernels round (tests/precision_helpers.py): the written scores differ (bf16
+    # ran), and the best score moves by at most the largest score change, bounded by 32 bf16 roundoffs.
+    assert found["bf16"] and [d["score"] for d in found["bf16"]] != [d["score"] for d in found["fp32"]]
+    best = {p: max(d["score"] for d in dets) for p, dets in found.items()}
+    assert abs(best["bf16"] - best["fp32"]) <= 32 * UNIT_ROUNDOFF["bf16"]
 
 
 def test_precision_this_cpu_cannot_run_is_one_line(tiny, tmp_path, capsys, monkeypatch):
@@ -160,43 +157,3 @@ def test_export_flags_reach_the_exporter(tiny, tmp_path, monkeypatch, flags, bat
     assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--output",
                       str(tmp_path / "x"), *flags]) == 0
     assert seen == [("onnx", (128, 128), batch_size, with_nms)]
-
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    """One real export, `--dynamic-batch --with-nms`, at 64 px: (folder, the model of the weights)."""
-    _, weights, _ = tiny
-    folder = tmp_path_factory.mktemp("export") / "onnx"
-    assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--image-size",
-                      str(EXPORT_SIZE), "--dynamic-batch", "--with-nms", "--output", str(folder)]) == 0
-    model, _ = detector_from_weights(weights)
-    return folder, model.eval()
-
-
-def test_export_dynamic_batch_with_nms_onnx(exported):
-    """The file has a symbolic batch axis and the four NMS outputs; ONNX Runtime runs it at batch 1 and 3 and
-    finds, image by image, the detections of the exported graph run eagerly (our infer path)."""
-    import onnx
-    import onnxruntime as ort
-    folder, model = exported
-    graph = onnx.load(str(folder / "model.onnx")).graph
-    (images_input,) = graph.input
-    dims = images_input.type.tensor_type.shape.dim
-    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # dynamic
-    assert [d.dim_value for d in dims[1:]] == [3, EXPORT_SIZE, EXPORT_SIZE]
-    assert [o.name for o in graph.output] == ["boxes", "scores", "classes", "num_valid"]
-    sidecar = json.loads((folder / "model.json").read_text())
-    assert sidecar["input"]["batch"] == "dynamic" and sidecar["with_nms"] is True
-
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    images = torch.randn(3, 3, EXPORT_SIZE, EXPORT_SIZE, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        expected = DetectionGraph(model, (EXPORT_SIZE, EXPORT_SIZE))(images)
-    for batch in (images[:1], images):
-        boxes, scores, classes, num_valid = session.run(None, {"images": batch.numpy()})
-        n = len(batch)
-        assert boxes.shape == (n, 100, 4) and scores.shape == classes.shape == (n, 100) and num_valid.shape == (n,)
-        assert np.array_equal(num_valid, expected[3][:n].numpy()) and num_valid.min() > 0
-        assert np.array_equal(classes, expected[2][:n].numpy())
-        assert np.abs(scores - expected[1][:n].numpy()).max() <= 1e-4
-        assert np.abs(boxes - expected[0][:n].numpy()).max() <= 0.05

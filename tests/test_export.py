@@ -113,22 +113,35 @@ def _assert_equal_detections(outputs, expected):
 
 
 def test_with_nms_detections_equal_our_infer_path(ported, photos, plain, tmp_path):
-    """`--with-nms` (dynamic batch): ONNX Runtime and OpenVINO run decoding + NonMaxSuppression to the
-    detections of `postprocess(mode="infer", method="hard")` on the plain outputs."""
+    """`-mode export --dynamic-batch --with-nms` of the fixture weights: a symbolic batch axis, the four NMS
+    outputs and a sidecar saying so; ONNX Runtime (at batch 1 and 2) and OpenVINO run decoding +
+    NonMaxSuppression to the detections of `postprocess(mode="infer", method="hard")` on the plain outputs."""
+    import onnx
     import onnxruntime as ort
     import openvino as ov
-    export_model(ported, FIXTURE_INFO, tmp_path, "onnx", (512, 512), batch_size=None, with_nms=True)
-    sidecar = read_sidecar(tmp_path)
-    assert sidecar["with_nms"] and [o["name"] for o in sidecar["outputs"]] == ["boxes", "scores", "classes",
-                                                                            "num_valid"]
+    weights = tmp_path / "d0.pth"
+    save_weights(weights, ported.state_dict(), **{k: v for k, v in FIXTURE_INFO.items() if k != "source"})
+    assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--image-size", "512",
+                      "--dynamic-batch", "--with-nms", "--output", str(tmp_path / "nms")]) == 0
+    folder = tmp_path / "nms"
+    graph = onnx.load(str(folder / "model.onnx")).graph
+    dims = graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and not dims[0].HasField("dim_value")  # dynamic
+    assert [d.dim_value for d in dims[1:]] == [3, 512, 512]
+    assert [o.name for o in graph.output] == ["boxes", "scores", "classes", "num_valid"]
+    sidecar = read_sidecar(folder)
+    assert sidecar["with_nms"] and sidecar["input"]["batch"] == "dynamic"
+    assert [o["name"] for o in sidecar["outputs"]] == ["boxes", "scores", "classes", "num_valid"]
     expected = _detections(plain)
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
     _assert_equal_detections(session.run(None, {"images": photos.numpy()}), expected)
-    compiled = ov.Core().compile_model(str(tmp_path / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    first = _detections(([c[:1] for c in plain[0]], [b[:1] for b in plain[1]]))
+    _assert_equal_detections(session.run(None, {"images": photos[:1].numpy()}), first)
+    compiled = ov.Core().compile_model(str(folder / "model.onnx"), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
     results = compiled(photos.numpy())
     _assert_equal_detections([results[out] for out in compiled.outputs], expected)
     with pytest.raises(ValueError, match="exported --with-nms"):
-        OnnxRuntimeNetwork(tmp_path, sidecar)
+        OnnxRuntimeNetwork(folder, sidecar)
 
 
 @pytest.fixture(scope="module")
