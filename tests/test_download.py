@@ -217,7 +217,7 @@ def test_failed_download_is_one_line_and_leaves_the_weights_folder_as_it_was(cas
     assert status == 2 and "Traceback" not in err and len(errors) == 1
     assert errors[0].startswith(f"error: {mirror.base}{D0_PATH}: {message}"), errors[0]
     assert listing(weights) == ["notes.txt"] and mirror.hits == {D0_PATH: 1}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "weights"]  # nothing unpacked beside
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["weights"]  # nothing unpacked beside, no --output made
     with pytest.raises(FileNotFoundError, match="pretrained weights not found"):  # a later run finds nothing
         resolve_pretrained("efficientdet-d0")
 
