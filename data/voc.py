@@ -102,6 +102,8 @@ def _objects(annotation: _Node, path: Path) -> list[tuple[str, bool, tuple, int]
 def _image_set(path: Path, split: str) -> tuple[Path, Path]:
     """`(root, image-set file)` of a VOC root (the split's list) or of an image-set file named directly."""
     if path.suffix == ".txt":
+        if not (path.parent.name == "Main" and path.parent.parent.name == "ImageSets"):
+            raise FileNotFoundError(f"voc:{path}: an image-set file lies in ROOT/ImageSets/Main/ ({LAYOUT})")
         root, image_set = path.parents[2], path
     else:
         root, image_set = path, path / "ImageSets" / "Main" / f"{split}.txt"

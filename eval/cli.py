@@ -36,16 +36,12 @@ def check_label_space(info: dict, dataset: CocoDetection) -> None:
                          f"from those of {dataset.ann_file} {dataset.class_names[:5]}...")
 
 
-def voc_metric(dataset: CocoDetection, results: list[dict], run: dict) -> dict | None:
-    """The VOC metric (`eval.voc_eval`) of a VOC dataset's evaluation, None for other datasets. It needs the
-    evaluated images: when some could not be read, `evaluate` does not say which, so it is left out."""
+def voc_metric(dataset: CocoDetection, results: list[dict], image_ids: list[int]) -> dict | None:
+    """The VOC metric (`eval.voc_eval`) over the evaluated (readable) images of a VOC dataset, None for other
+    datasets."""
     if not reports_voc_metric(dataset.coco):
         return None
-    if run["failed"]:
-        print(f"VOC metric left out: {run['failed']} image(s) could not be read (the COCO numbers are over the "
-              f"{run['images']} read)")
-        return None
-    return evaluate_voc(dataset.coco, results, dataset.image_ids[:run["images"]])
+    return evaluate_voc(dataset.coco, results, image_ids)
 
 
 def run_eval(args: argparse.Namespace) -> dict:
@@ -65,7 +61,7 @@ def run_eval(args: argparse.Namespace) -> dict:
           + (f", test-time augmentation {args.tta}" if args.tta else ""))
     stats, results, run = evaluate(detector, dataset, args.batch_size, args.workers, device, args.max_images,
                                    max_bad_images=args.max_bad_images)
-    voc = voc_metric(dataset, results, run)
+    voc = voc_metric(dataset, results, run.pop("image_ids"))  # the images both metrics are over
     write_json(results, output / "detections_val.json")
     write_json({"stats": stats, "model": info["model_name"], "weights": info["source"],
                 "annotations": str(dataset.ann_file), "nms": args.nms, "tta": args.tta, "image_size": info["image_size"], **run,

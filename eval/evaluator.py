@@ -123,11 +123,11 @@ def evaluate(detector: Detector, dataset: CocoDetection, batch_size: int, worker
     """Single-process evaluation: `(coco_stats, results, run_stats)` on the first `max_images` images.
 
     Unreadable images are skipped and counted (RuntimeError as soon as there are more than `max_bad_images`);
-    the metrics are over the images that were read.
+    the metrics are over the images that were read, whose ids are `run_stats["image_ids"]`.
     """
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     budget = BadImageBudget(max_bad_images, count, f"evaluation on {dataset.image_dir}", speak=progress)
     results, run_stats, failures = run_detection(detector, dataset, batch_size, workers, device, max_images,
                                                  progress=progress, bad_images=budget)
-    stats = evaluate_coco(dataset.coco, results, readable_image_ids(dataset, count, failures))
-    return stats, results, run_stats
+    image_ids = readable_image_ids(dataset, count, failures)
+    return evaluate_coco(dataset.coco, results, image_ids), results, {**run_stats, "image_ids": image_ids}

@@ -139,8 +139,8 @@ class Predictor:
     runs/export-cache/, or `exported` names a folder written by `-mode export`); image_size S or (H, W) or
     "WxH" (default: the one stored with the weights, else the variant's); nms "hard" | "soft" (the default of
     `predict`); compile (torch.compile the network); batch_size (images per forward pass in `predict`);
-    tta None | "flip" | "scales" | "flip+scales" (test-time augmentation fused by WBF, `eval.tta`). Errors
-    about them name the matching `-mode infer` flag.
+    tta None | "flip" | "scales" | "flip+scales" (test-time augmentation fused by WBF, `eval.tta`). A bad
+    value is one error naming the keyword.
     """
 
     def __init__(self, model, info: dict, device: str = "auto", precision: str = "fp32", backend: str = "torch",

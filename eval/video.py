@@ -153,8 +153,12 @@ class AnnotatedVideo:
         self.frames += 1
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.container.mux(self.stream.encode(None))  # flush the encoder's delayed frames
+        try:
+            if exc_type is None:
+                self.container.mux(self.stream.encode(None))  # flush the encoder's delayed frames
+        except BaseException:  # a failed flush (disk full, encoder error) still closes and removes the file
+            self._stack.__exit__(*sys.exc_info())
+            raise
         self._stack.__exit__(exc_type, exc, tb)
 
 

@@ -62,8 +62,9 @@ def check_finite(cls_outs: list[torch.Tensor], box_outs: list[torch.Tensor], pre
     """
     sums = torch.stack([t.float().sum() for t in cls_outs + box_outs])
     if not bool(torch.isfinite(sums).all()):
-        hint = ("this precision overflows on these weights or inputs; use --precision fp32"
-                if precision != "fp32" else "the weights hold NaN/inf (e.g. a diverged training run)")
+        # only fp16 has a narrower range than float32: elsewhere the weights or inputs hold NaN / inf
+        hint = ("fp16 overflows on these weights or inputs; use --precision fp32 or bf16" if precision == "fp16"
+                else "the weights or inputs hold NaN/inf (e.g. a diverged training run)")
         raise RuntimeError(f"the network's outputs are not finite (NaN or inf) at precision {precision}: {hint}")
 
 

@@ -243,9 +243,9 @@ def _reference(name: str, array: np.ndarray) -> torch.Tensor:
 
 def training_checks(folder: Path, meta: dict, ours: dict | None = None, float64: bool = False) -> dict[str, dict]:
     """Every check of a training fixture (names: `parity.tf_parity --help`). `float64`: our step in float64
-    against `train_outputs_float64.npz`, every check at `FLOAT64_TOL` (the input chain's `images` check, whose
-    reference and ours are float32 data, stays a float32 check). `ours`: a `run_step` result to reuse (of
-    the same precision; the step is run otherwise)."""
+    against `train_outputs_float64.npz`, every check at `FLOAT64_TOL`; the input chain's `images` check is
+    left out there (both sides are the same float32 data, checked by the float32 run). `ours`: a `run_step`
+    result to reuse (of the same precision; the step is run otherwise)."""
     ours = ours if ours is not None else run_step(folder, meta, torch.float64 if float64 else torch.float32)
     ref = load_npz(folder, REFERENCE_FILES[float64], ["cls_loss", "box_loss", "total_loss", "reg_l2_loss"])
 

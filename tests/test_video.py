@@ -182,3 +182,22 @@ def test_a_second_ctrl_c_aborts_and_keeps_nothing(weights, fake_camera, tmp_path
                       "--batch-size", "4", *COMMON]) == 128 + signal.SIGINT
     assert capsys.readouterr().err.endswith("interrupted\n")
     assert list(out.iterdir()) == []  # the annotated video was a temp file; no detections.json
+
+
+def test_a_failed_encoder_flush_leaves_no_file(tmp_path):
+    """The flush at the end of the block (delayed H.264 frames) can fail too (disk full, encoder error): the
+    container is still closed and the temporary file removed, so nothing half-written is left."""
+    class FailingFlush:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def encode(self, frame):
+            if frame is None:
+                raise OSError("no space left on device")
+            return self.stream.encode(frame)
+
+    with pytest.raises(OSError, match="no space left"):
+        with eval.video.AnnotatedVideo(tmp_path / "out.mp4", Fraction(10), 32, 32) as video:
+            video.write(np.zeros((32, 32, 3), np.uint8))
+            video.stream = FailingFlush(video.stream)
+    assert list(tmp_path.iterdir()) == []

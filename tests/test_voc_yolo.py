@@ -172,6 +172,16 @@ def test_difficult_objects_are_ignored_in_evaluation_and_left_out_of_training_un
     assert [a["iscrowd"] for a in kept["annotations"] if a["difficult"]] == [0]
     val, _ = dataset_paths(_args(root, train_difficult=True), "val")  # evaluation always ignores them
     assert all(a["iscrowd"] == a["difficult"] for a in val["annotations"])
+    for fmt in ("coco", "yolo"):  # nothing is marked difficult there: the flag would be silently ignored
+        with pytest.raises(ValueError, match=f"^--train-difficult: only for a Pascal VOC folder .*not {fmt} data"):
+            dataset_paths(_args(datasets[fmt], train_difficult=True), "train")
+
+
+def test_a_voc_image_set_file_outside_imagesets_main_is_a_layout_error(datasets, tmp_path):
+    stray = tmp_path / "train.txt"
+    stray.write_text("000001\n")
+    with pytest.raises(FileNotFoundError, match=r"an image-set file lies in ROOT/ImageSets/Main/"):
+        dataset_paths(_args(f"voc:{stray}"), "train")
 
 
 def test_convert_writes_the_coco_json_of_a_voc_or_yolo_split(datasets, tmp_path, capsys):

@@ -98,9 +98,9 @@ class Trainer:
             raise ValueError(f"--batch-size {args.batch_size}: the training set has {len(self.train_set)} images, "
                              f"fewer than one batch per process ({self.dist.world_size} process(es))")
         schedule = lr_schedule(args, self.steps_per_epoch, args.batch_size * self.dist.world_size)
-        if run_warmup_epochs(args.warmup_epochs, args.epochs) < args.warmup_epochs:
-            self._say(f"note: warm-up shortened to {args.epochs / 10:g} epochs (a tenth of this {args.epochs:g}-epoch "
-                      f"run)")
+        warmup = run_warmup_epochs(args.warmup_epochs, args.epochs)
+        if warmup < args.warmup_epochs:
+            self._say(f"note: warm-up shortened to {warmup:g} epochs (a tenth of this {args.epochs:g}-epoch run)")
         self.schedule, self.lr, self.total_steps = schedule, schedule.base_lr, schedule.total_steps
         self.step_fn = TrainStep.from_flags(self.model, args, self.image_size, schedule, self.device, self.dist,
                                             loss=detection_loss)

@@ -14,7 +14,7 @@ from model import VARIANTS, EfficientDet
 from model.inference import PRECISIONS
 from utils.image_size import HELP as IMAGE_SIZE_HELP
 from utils.image_size import image_size_arg, resolve_image_size
-from utils.pretrained import MIRROR_ENV, WEIGHTS_DIR_ENV, default_weights_dir, resolve_pretrained
+from utils.pretrained import MIRROR_ENV, WEIGHTS_DIR_ENV, resolve_pretrained
 from utils.weights import detector_from_weights
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,8 +135,10 @@ def dataset_paths(args: argparse.Namespace, split: str) -> tuple[Path | dict, Pa
         data = args.data
     ann, images = getattr(args, f"{split}_ann"), getattr(args, f"{split}_images")
     fmt, path = dataset_format(ann or data)
+    keep_difficult = split == "train" and getattr(args, "train_difficult", False)
+    if keep_difficult and fmt != "voc":  # elsewhere nothing is marked difficult (a converted json: iscrowd)
+        raise ValueError(f"--train-difficult: only for a Pascal VOC folder (voc:DIR), not {fmt} data {path}")
     if fmt != "coco":
-        keep_difficult = split == "train" and getattr(args, "train_difficult", False)
         return load_split(fmt, path, split, images, keep_difficult)
     root = dataset_format(data)[1]
     ann = path if ann else root / "annotations" / f"instances_{split}2017.json"
@@ -157,10 +159,9 @@ def load_detector(args: argparse.Namespace) -> tuple[EfficientDet, dict]:
     """
     check_download_flag(args)
     if args.pretrained:
-        path = resolve_pretrained(args.model or DEFAULT_MODEL, default_weights_dir(), download_missing=args.download)
+        path = resolve_pretrained(args.model or DEFAULT_MODEL, download_missing=args.download)
     else:
         path = Path(args.weights)
     model, info = detector_from_weights(path, args.model, "--weights")
-    name = info["model_name"]
     image_size = resolve_image_size(model.config, args.image_size, info["image_size"])
     return model, {**info, "image_size": image_size}
