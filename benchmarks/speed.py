@@ -1,5 +1,5 @@
-"""Speed, FLOP rate and peak memory of this repo's EfficientDet (PyTorch, ONNX Runtime, OpenVINO) against effdet
-(rwightman's `tf_efficientdet_dN`) on CPU.
+"""Speed, FLOP rate, roofline and peak memory of this repo's EfficientDet (PyTorch, ONNX Runtime, OpenVINO)
+against effdet (rwightman's `tf_efficientdet_dN`) on CPU.
 
     pip install -r benchmarks/requirements.txt        # effdet, the peer (benchmark-only dependency)
     python benchmarks/speed.py      # D0: infer batch 1/8 fp32/bf16 on every engine, train batch 4 fp32/bf16
@@ -37,7 +37,30 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   that (the forward, and the backward's input and weight gradients, one product each per forward product).
   In brackets: the share of this CPU's GEMM peak in the row's precision (fp32 rows of the fp32 peak, bf16 rows
   of the bf16 peak), measured once per run in a worker with `--threads` threads: `torch.mm` of two 2048 x 2048
-  matrices, median of 7, printed above the table.
+  matrices, median of 7 after 2 warm-up, printed above the table (with the int8 peak of `torch._int_mm`, for
+  reference: no row runs int8).
+* roofline (ms/img), % of roofline, bound (ours): the least time per image this CPU allows the row,
+  max(FLOPs / GEMM peak of the row's precision, bytes / memory bandwidth) (`benchmarks/roofline.py`); that time
+  as a share of the measured time per image (100 % = on the roof); which term is the larger, "compute" or
+  "memory".
+  - bytes per image = (activations + weights) / batch of one forward pass at the row's batch, counted on the
+    meta device by `utils.summary.forward_bytes`, a model of traffic: every aten op that computes reads each
+    tensor input (activations, and weights each time an op reads them) and writes each output once; views
+    count nothing; caches are ignored. Floating-point tensors count the row's element size
+    (`benchmarks.roofline.ELEMENT_SIZE`: fp32 4 bytes, bf16 / fp16 2). Infer rows count the fused module as
+    `prepare_for_inference` builds it (BN folded; conv + bias + activation one op, as oneDNN runs it), a fair
+    estimate of what it moves (D0 512 px fp32, batch 1: 487 MB of activations + 16.8 MB of weights; the input
+    and output casts of bf16 rows are left out); engine rows too (ONNX Runtime and OpenVINO fold BN and fuse
+    activations themselves; their other fusions are not modelled), and `--compile` rows (inductor's own
+    fusions are not). `--no-fuse` rows count the plain eval module: an upper bound (each BN and activation a
+    pass of its own). Train rows count the plain module's forward in training mode with autograd on (D0:
+    1179 MB + 17.1 MB) x 3 (`TRAIN_BYTES_PER_FORWARD`, an approximation: the backward moves about twice the
+    forward's bytes; the optimizer's and the EMA's passes over the weights are left out); in bf16 every
+    tensor at 2 bytes, though autocast keeps BN and the weights in float32.
+  - memory bandwidth: a STREAM triad `a = b + 3 c` (`torch.add(b, c, alpha=3, out=a)`) on three float32
+    arrays of 256 MiB (8x the EPYC's L3), 3 x 256 MiB per triad (read b, read c, write a; STREAM's count,
+    without the write-allocate read of a), in a worker with `--threads` threads, median of 7 after 2
+    warm-up, printed above the table in GB/s (1e9 bytes/s).
 * max |delta|: ours against the plain float32 NCHW `EfficientDet` with the same weights, on the timed input
   (infer: all head outputs; train: the head outputs of one training-mode forward with the weights after
   the timed steps). Weights are randomised (BN statistics, biases, fusion weights too) so that the outputs
@@ -58,14 +81,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.speed_worker import GEMM_SIDE  # noqa: E402
+from benchmarks.roofline import (ELEMENT_SIZE, TRAIN_BYTES_PER_FORWARD, bytes_per_image, rate,  # noqa: E402
+                                 roofline_cells, triad_bytes)
+from benchmarks.speed_worker import GEMM_SIDE, TRIAD_ELEMENTS  # noqa: E402
 from model.config import VARIANTS  # noqa: E402
 from utils.cli import number  # noqa: E402
 from model.cpu import describe, unsupported_precision  # noqa: E402
 
 WORKER = Path(__file__).resolve().parent / "speed_worker.py"
 ENGINES = ("torch", "onnxruntime", "openvino")
-GEMM_RUNS = 7
+KERNEL_RUNS = 7  # timed steps of the GEMM peaks and of the memory bandwidth
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the input and of the weights)
 # Pause before each timed step: ONNX Runtime's pool threads spin for a while after a run (~15 ms of CPU
 # within 0.1 s of returning, D0 256 px, 2 threads; none after 0.1 s; torch and OpenVINO ~0), which would
@@ -121,16 +146,26 @@ def run_cell(args, variant: str, mode: str, precision: str, batch: int, engine: 
     return result
 
 
-def gemm_peak(args, precision: str) -> float:
-    """GFLOP/s of `torch.mm` on two GEMM_SIDE-square matrices in `precision`, in a worker with --threads threads
-    (median of GEMM_RUNS after the warm-up)."""
-    w = Worker({"side": "gemm", "precision": precision, "threads": args.threads, "warmup": 2,
-                "malloc": args.malloc})
+def kernel_seconds(args, spec: dict) -> float:
+    """Median seconds of KERNEL_RUNS steps of a kernel worker (`spec` side "gemm" or "triad") with --threads
+    threads, after 2 warm-up steps."""
+    w = Worker({**spec, "threads": args.threads, "warmup": 2, "malloc": args.malloc})
     w.ask()
-    times = [w.ask("step")["time"] for _ in range(GEMM_RUNS)]
+    times = [w.ask("step")["time"] for _ in range(KERNEL_RUNS)]
     w.ask("finish")
     w.close()
-    return 2 * GEMM_SIDE ** 3 / statistics.median(times) / 1e9
+    return statistics.median(times)
+
+
+def gemm_peak(args, precision: str) -> float:
+    """GFLOP/s (int8: GOP/s) of `torch.mm` (int8: `torch._int_mm`) on two GEMM_SIDE-square matrices in
+    `precision`."""
+    return 2 * GEMM_SIDE ** 3 / kernel_seconds(args, {"side": "gemm", "precision": precision}) / 1e9
+
+
+def memory_bandwidth(args) -> float:
+    """GB/s (1e9 bytes/s) of the STREAM triad on float32 arrays of TRIAD_ELEMENTS."""
+    return triad_bytes(TRIAD_ELEMENTS) / kernel_seconds(args, {"side": "triad"}) / 1e9
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,6 +179,20 @@ def flops_per_image(variant: str, size: int | None) -> int:
     with torch.device("meta"):
         model = build_model(name).eval()
     return forward_flops(model, (1, 3, side, side))
+
+
+@functools.lru_cache(maxsize=None)
+def traffic(variant: str, size: int | None, mode: str, fused: bool, element_size: int, batch: int):
+    """`utils.summary.Traffic` (bytes of activations, of weights) of one forward pass of ours at `batch` as the
+    row runs it: the fused inference module (`fused`, infer) or the plain one in the row's mode."""
+    from model import get_config
+    from utils.summary import forward_bytes, meta_model
+    name = f"efficientdet-{variant}"
+    side = size or get_config(name).image_size
+    fused = fused and mode == "infer"
+    model = meta_model(name, fused=fused, training=mode == "train")
+    return forward_bytes(model, (batch, 3, side, side), element_size, fused_activations=fused,
+                         autograd=mode == "train")
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,12 +215,6 @@ def skip_reason(engine: str, mode: str, precision: str, variant: str, size: int 
         if precision not in EXPORT_PRECISIONS[fmt]:
             return f"{engine} runs {' / '.join(EXPORT_PRECISIONS[fmt])} only (deploy.export)"
     return unsupported_precision(precision)
-
-
-def rate(img_s: float, flops: float, peak: float | None) -> str:
-    """`GFLOP/s (% of peak)` cell."""
-    gflops = img_s * flops / 1e9
-    return f"{gflops:.1f} ({100 * gflops / peak:.1f} %)" if peak else f"{gflops:.1f}"
 
 
 def main(argv=None) -> None:
@@ -244,12 +287,17 @@ def main(argv=None) -> None:
             print(f"{precision} GEMM peak: not measured ({reason})")
         else:
             peaks[precision] = gemm_peak(args, precision)
-    print(f"GEMM peak (torch.mm {GEMM_SIDE}x{GEMM_SIDE}, {args.threads} threads, median of {GEMM_RUNS}): "
-          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()) + "\n")
+    int8 = f", int8 {gemm_peak(args, 'int8'):.0f} GOP/s (torch._int_mm)" if hasattr(torch, "_int_mm") else ""
+    print(f"GEMM peak (torch.mm {GEMM_SIDE}x{GEMM_SIDE}, {args.threads} threads, median of {KERNEL_RUNS}): "
+          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()) + int8)
+    bandwidth = memory_bandwidth(args)
+    print(f"memory bandwidth (triad a = b + 3c, 3 x {TRIAD_ELEMENTS * 4 >> 20} MiB float32, {args.threads} threads, "
+          f"median of {KERNEL_RUNS}): {bandwidth:.1f} GB/s\n")
 
     effdet_precision = "fp32" if peer_precision else "row's precision"
     columns = ["variant", "mode", "engine", "precision", "batch", "ours img/s", f"effdet img/s ({effdet_precision})",
                "ratio", "ours GFLOP/s (% of fp32 \\| bf16 GEMM peak)", "effdet GFLOP/s (% of GEMM peak)",
+               "ours roofline (ms/img)", "ours % of roofline", "ours bound",
                "ours peak RSS (MB)", "effdet peak RSS (MB)", "RSS ratio", "max \\|delta\\| vs plain fp32"]
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
@@ -259,6 +307,11 @@ def main(argv=None) -> None:
         ours = batch / statistics.median(r["times"]["ours"])
         cells = [variant.upper(), mode, engine, precision, str(batch), f"{ours:.2f}"]
         ours_rate = rate(ours, flops, peaks.get(precision))
+        moved = traffic(variant, args.size, mode, engine != "torch" or not args.no_fuse, ELEMENT_SIZE[precision],
+                        batch)
+        nbytes = ((TRAIN_BYTES_PER_FORWARD if mode == "train" else 1)
+                  * bytes_per_image(moved.activations / batch, moved.weights, batch))
+        roof = roofline_cells(flops, nbytes, peaks.get(precision), bandwidth, 1 / ours)  # ours: img/s
         if peer:
             theirs = batch / statistics.median(r["times"]["effdet"])
             # Ratio of each back-to-back pair, then the median: a neighbour's load that comes and goes over
@@ -266,10 +319,10 @@ def main(argv=None) -> None:
             paired = statistics.median(t / o for o, t in zip(r["times"]["ours"], r["times"]["effdet"]))
             rss = r["effdet"]["rss_mb"]
             cells += [f"{theirs:.2f}", f"{paired:.2f}x", ours_rate,
-                      rate(theirs, flops, peaks.get(peer_precision or precision)),
+                      rate(theirs, flops, peaks.get(peer_precision or precision)), *roof,
                       f"{r['ours']['rss_mb']:.0f}", f"{rss:.0f}", f"{r['ours']['rss_mb'] / rss:.2f}"]
         else:
-            cells += ["-", "-", ours_rate, "-", f"{r['ours']['rss_mb']:.0f}", "-", "-"]
+            cells += ["-", "-", ours_rate, "-", *roof, f"{r['ours']['rss_mb']:.0f}", "-", "-"]
         cells.append(f"{r['ours']['delta']:.1e}")
         print("| " + " | ".join(cells) + " |", flush=True)
 

@@ -1,11 +1,14 @@
-"""The worker process of `benchmarks/speed.py`: one side of one cell, or the GEMM peak, in its own process.
+"""The worker process of `benchmarks/speed.py`: one side of one cell, the GEMM peak or the memory bandwidth, in
+its own process.
 
     python benchmarks/speed_worker.py SPEC_JSON            # the line protocol of `worker`
     python benchmarks/speed_worker.py --export SPEC_JSON DIR   # ours, exported as `-mode export` does
 
 A spec names its `side`: "ours" (this repo's model, run by `engine` "torch", "onnxruntime" or "openvino"),
-"effdet" (the peer) or "gemm" (`torch.mm` of two 2048 x 2048 matrices, for the GEMM peak), with the cell's
-variant, mode, precision, batch, size, threads, seed, warm-up, allocator and the torch path's options.
+"effdet" (the peer), "gemm" (`torch.mm` of two 2048 x 2048 matrices in `precision`, int8: `torch._int_mm`, for
+the GEMM peak) or "triad" (the STREAM triad `a = b + 3 c` on three float32 arrays of 256 MiB, for the memory
+bandwidth), with the cell's variant, mode, precision, batch, size, threads, seed, warm-up, allocator and the
+torch path's options (a kernel side needs only threads, warm-up, allocator and, for "gemm", precision).
 
 The tables of `benchmarks/speed.py` live in docs/speed.md.
 """
@@ -23,6 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 GEMM_SIDE = 2048  # square torch.mm operands of the GEMM peak
+# Elements of each float32 array of the triad: 256 MiB, 8x the 32 MiB L3 of the AMD EPYC of docs/speed.md, so that
+# each pass streams from memory (STREAM asks for 4x the last-level cache).
+TRIAD_ELEMENTS = 2 ** 26
 
 
 def _new_model(spec: dict):
@@ -73,15 +79,29 @@ def _engine(spec: dict, tmp: str):
                         threads=spec["threads"])
 
 
+def _kernel(spec: dict):
+    """step() of the GEMM peak ("gemm" side, in `precision`) or of the memory bandwidth ("triad" side)."""
+    import torch
+    if spec["side"] == "triad":
+        # Filled here, so that their pages are mapped before the warm-up.
+        a, b, c = (torch.full((TRIAD_ELEMENTS,), float(i)) for i in range(3))
+        return lambda: torch.add(b, c, alpha=3, out=a)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    if spec["precision"] == "int8":  # int8 x int8 -> int32 products, the GEMM of a quantised conv
+        a, b = (torch.randint(-128, 128, (GEMM_SIDE, GEMM_SIDE), generator=g, dtype=torch.int8) for g in gens)
+        return lambda: torch._int_mm(a, b)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
+    a, b = (torch.randn(GEMM_SIDE, GEMM_SIDE, generator=g).to(dtype) for g in gens)
+    return lambda: torch.mm(a, b)
+
+
 def _build(spec: dict, tmp: str):
     """One side of one cell -> (step() returning the head outputs, images, trained model or None)."""
     import torch
     from model import AnchorGenerator, get_config
+    if spec["side"] in ("gemm", "triad"):
+        return _kernel(spec), None, None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
-    if spec["side"] == "gemm":
-        a, b = (torch.randn(GEMM_SIDE, GEMM_SIDE, generator=torch.Generator().manual_seed(i)).to(dtype)
-                for i in range(2))
-        return (lambda: torch.mm(a, b)), None, None
     name, size = _name_size(spec)
     images = torch.randn(spec["batch"], 3, size, size, generator=torch.Generator().manual_seed(spec["seed"]))
     autocast = dtype if spec["precision"] != "fp32" else None
