@@ -20,8 +20,12 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   `deploy.export.export_model` as `-mode export` does (static batch of the row, the row's precision) into a
   temporary folder by a child process of the worker, before the warm-up and untimed (the exporter's memory is
   not the worker's); `deploy.backends.open_backend` opens it with `--threads` intra-op threads; the timed step
-  is that network (numpy in and out) + the same post-processing. ONNX Runtime runs fp32; OpenVINO fp32 and,
-  where `model.cpu` finds a bf16 path, bf16. A row that cannot run prints its reason above the table.
+  is that network (numpy in and out) + the same post-processing. ONNX Runtime runs fp32 and int8; OpenVINO
+  fp32, int8 and, where `model.cpu` finds a bf16 path, bf16. int8 (engines only) = `-mode export --precision
+  int8` with the tools' defaults (NNCF's mixed preset for OpenVINO, `quantize_static` QDQ for ONNX Runtime),
+  calibrated on 16 generated photo-like images (`speed_worker.CALIBRATION_IMAGES`; what they show does not
+  change the speed); its accuracy on trained weights is `benchmarks/int8.py`'s. A row that cannot run prints
+  its reason above the table.
 * train (PyTorch only): forward, `train.loss.detection_loss`, backward, `train.optim.build_optimizer`'s step
   (official L2, clipping, momentum SGD), `train.ema.ModelEMA.update`, on both sides; targets assigned once
   beforehand. bf16 = `torch.autocast("cpu", torch.bfloat16)` around the forward, as `train/trainer.py` does.
@@ -37,8 +41,8 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
   that (the forward, and the backward's input and weight gradients, one product each per forward product).
   In brackets: the share of this CPU's GEMM peak in the row's precision (fp32 rows of the fp32 peak, bf16 rows
   of the bf16 peak), measured once per run in a worker with `--threads` threads: `torch.mm` of two 2048 x 2048
-  matrices, median of 7 after 2 warm-up, printed above the table (with the int8 peak of `torch._int_mm`, for
-  reference: no row runs int8).
+  matrices, median of 7 after 2 warm-up, printed above the table; int8 rows: of the int8 peak, `torch._int_mm`
+  (int8 x int8 -> int32) of the same matrices, in GOP/s.
 * roofline (ms/img), % of roofline, bound (ours): the least time per image this CPU allows the row,
   max(FLOPs / GEMM peak of the row's precision, bytes / memory bandwidth) (`benchmarks/roofline.py`); that time
   as a share of the measured time per image (100 % = on the roof); which term is the larger, "compute" or
@@ -47,7 +51,8 @@ threads still spin (ONNX Runtime's do for a while after a run); the table shows 
     meta device by `utils.summary.forward_bytes`, a model of traffic: every aten op that computes reads each
     tensor input (activations, and weights each time an op reads them) and writes each output once; views
     count nothing; caches are ignored. Floating-point tensors count the row's element size
-    (`benchmarks.roofline.ELEMENT_SIZE`: fp32 4 bytes, bf16 / fp16 2). Infer rows count the fused module as
+    (`benchmarks.roofline.ELEMENT_SIZE`: fp32 4 bytes, bf16 / fp16 2, int8 1: every tensor, as if the whole
+    graph ran in int8). Infer rows count the fused module as
     `prepare_for_inference` builds it (BN folded; conv + bias + activation one op, as oneDNN runs it), a fair
     estimate of what it moves (D0 512 px fp32, batch 1: 487 MB of activations + 16.8 MB of weights; the input
     and output casts of bf16 rows are left out); engine rows too (ONNX Runtime and OpenVINO fold BN and fuse
@@ -128,7 +133,7 @@ def run_cell(args, variant: str, mode: str, precision: str, batch: int, engine: 
     specs = [{**base, "side": "ours", "engine": engine, "precision": precision, "malloc": args.malloc}]
     if peer:
         specs.append({**base, "side": "effdet", "engine": "torch", "malloc": args.peer_malloc,
-                      "precision": precision if args.peer_precision == "same" else "fp32"})
+                      "precision": precision if args.peer_precision == "same" and precision != "int8" else "fp32"})
     # Workers start one after the other: two model builds and warm-ups at once would time each other.
     workers = []
     for spec in specs:
@@ -198,6 +203,8 @@ def traffic(variant: str, size: int | None, mode: str, fused: bool, element_size
 @functools.lru_cache(maxsize=None)
 def skip_reason(engine: str, mode: str, precision: str, variant: str, size: int | None) -> str | None:
     """Why the row (engine, mode, precision) cannot run here, or None."""
+    if precision == "int8" and engine == "torch":
+        return "int8 runs on the engines (-mode export --precision int8: NNCF for OpenVINO, quantize_static for ONNX)"
     if engine != "torch":
         if mode == "train":
             return "the engines run inference only; training rows are PyTorch's (--backends torch)"
@@ -209,12 +216,12 @@ def skip_reason(engine: str, mode: str, precision: str, variant: str, size: int 
         side = size or config.image_size
         try:
             require((engine,), f"--backends {engine}")
-            check_export(config, fmt, (side, side), "fp32")  # the exporter's packages, the size
+            if precision not in EXPORT_PRECISIONS[fmt]:
+                return f"{engine} runs {' / '.join(EXPORT_PRECISIONS[fmt])} only (deploy.export)"
+            check_export(config, fmt, (side, side), precision)  # the exporter's packages, the size
         except (RuntimeError, ValueError) as e:
             return str(e)
-        if precision not in EXPORT_PRECISIONS[fmt]:
-            return f"{engine} runs {' / '.join(EXPORT_PRECISIONS[fmt])} only (deploy.export)"
-    return unsupported_precision(precision)
+    return None if precision == "int8" else unsupported_precision(precision)
 
 
 def main(argv=None) -> None:
@@ -224,7 +231,8 @@ def main(argv=None) -> None:
     parser.add_argument("--modes", nargs="+", default=["infer", "train"], choices=["infer", "train"])
     parser.add_argument("--backends", nargs="+", default=list(ENGINES), choices=ENGINES,
                         help="engines that run ours: a row each per precision and batch (train: torch only)")
-    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"],
+                        choices=["fp32", "bf16", "fp16", "int8"], help="int8: engine rows only")
     parser.add_argument("--batches", nargs="+", type=number(int, 1), default=None,
                         help="default: 1 and 8 for infer, 4 for train")
     parser.add_argument("--size", type=number(int, 1), default=None, help="square input side (default: the variant's)")
@@ -281,15 +289,15 @@ def main(argv=None) -> None:
     if not rows:
         raise SystemExit("nothing to run: every row was skipped (reasons above)")
     peaks = {}
-    for precision in dict.fromkeys(["fp32", "bf16", *args.precisions]):
-        reason = unsupported_precision(precision)
+    for precision in dict.fromkeys(["fp32", "bf16", "int8", *args.precisions]):
+        reason = (None if hasattr(torch, "_int_mm") else "this torch has no torch._int_mm") if precision == "int8" \
+            else unsupported_precision(precision)
         if reason:
             print(f"{precision} GEMM peak: not measured ({reason})")
         else:
             peaks[precision] = gemm_peak(args, precision)
-    int8 = f", int8 {gemm_peak(args, 'int8'):.0f} GOP/s (torch._int_mm)" if hasattr(torch, "_int_mm") else ""
-    print(f"GEMM peak (torch.mm {GEMM_SIDE}x{GEMM_SIDE}, {args.threads} threads, median of {KERNEL_RUNS}): "
-          + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in peaks.items()) + int8)
+    print(f"GEMM peak (torch.mm {GEMM_SIDE}x{GEMM_SIDE}, int8 torch._int_mm, {args.threads} threads, median of "
+          f"{KERNEL_RUNS}): " + ", ".join(f"{p} {g:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s" for p, g in peaks.items()))
     bandwidth = memory_bandwidth(args)
     print(f"memory bandwidth (triad a = b + 3c, 3 x {TRIAD_ELEMENTS * 4 >> 20} MiB float32, {args.threads} threads, "
           f"median of {KERNEL_RUNS}): {bandwidth:.1f} GB/s\n")

@@ -57,13 +57,36 @@ def _info(name: str) -> dict:
     return {"model_name": name, "num_classes": get_config(name).num_classes, "source": "random weights"}
 
 
+CALIBRATION_IMAGES = 16  # INT8 rows: photo-like generated images (speed does not depend on what they show)
+
+
+def _calibration_folder(folder: Path, size: int, seed: int) -> Path:
+    """CALIBRATION_IMAGES smooth random RGB images (upsampled noise plus grain) of `size` px, as PNG files."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder.mkdir()
+    for i in range(CALIBRATION_IMAGES):
+        coarse = Image.fromarray(rng.integers(0, 256, (size // 16 + 1, size // 16 + 1, 3), dtype=np.uint8))
+        smooth = np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.int16)
+        grain = rng.integers(-20, 21, smooth.shape)
+        Image.fromarray(np.clip(smooth + grain, 0, 255).astype(np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
 def export_plain(spec: dict, folder: str) -> None:
-    """Ours as `-mode export --format {onnx|openvino} --batch-size B --precision P` writes it (plain network)."""
+    """Ours as `-mode export --format {onnx|openvino} --batch-size B --precision P` writes it (plain network;
+    int8 calibrated on CALIBRATION_IMAGES generated images, NNCF's / ONNX Runtime's defaults)."""
     from deploy.backends import BACKEND_FORMAT
     from deploy.export import export_model
+    from deploy.quantize import Int8Options
     name, size = _name_size(spec)
+    int8 = None
+    if spec["precision"] == "int8":
+        images = _calibration_folder(Path(folder) / "calibration", size, spec["seed"])
+        int8 = Int8Options(images, CALIBRATION_IMAGES)
     export_model(_new_model(spec), _info(name), Path(folder), BACKEND_FORMAT[spec["engine"]], (size, size),
-                 batch_size=spec["batch"], precision=spec["precision"])
+                 batch_size=spec["batch"], precision=spec["precision"], int8=int8)
 
 
 def _engine(spec: dict, tmp: str):
@@ -101,10 +124,9 @@ def _build(spec: dict, tmp: str):
     from model import AnchorGenerator, get_config
     if spec["side"] in ("gemm", "triad"):
         return _kernel(spec), None, None
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec["precision"]]
     name, size = _name_size(spec)
     images = torch.randn(spec["batch"], 3, size, size, generator=torch.Generator().manual_seed(spec["seed"]))
-    autocast = dtype if spec["precision"] != "fp32" else None
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec["precision"])  # int8: engines only
 
     if spec["mode"] == "infer":
         if spec["side"] == "effdet":

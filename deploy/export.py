@@ -5,7 +5,9 @@ with the weights inside, input `images` [N, 3, H, W] float32 (N fixed or dynamic
 file through `openvino.convert_model`, saved with `openvino.save_model` as `model.xml` + `model.bin` in
 float32 (no fp16 compression). The precision is how to compile it: the sidecar's `runtime_config`
 (`INFERENCE_PRECISION_HINT`; OpenVINO's CPU default is bf16 where the CPU has AVX512-BF16 or AMX, so an fp32
-export says f32 explicitly). Every export folder gets a `model.json` sidecar (`deploy.sidecar`).
+export says f32 explicitly). INT8 (`deploy.quantize`): that ONNX file quantized by NNCF after calibration,
+as OpenVINO IR or as a QDQ ONNX file. Every export folder gets a `model.json` sidecar
+(`deploy.sidecar`; INT8 adds its `quantization` entry).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,11 +27,15 @@ from model.layers import same_padding
 
 from .sidecar import head_output_names, make_sidecar, write_sidecar
 
+if TYPE_CHECKING:
+    from .quantize import Int8Options
+
 OPSET = 18
 FORMATS = {"onnx": "model.onnx", "openvino": "model.xml"}
-EXPORT_PRECISIONS = {"onnx": ("fp32",), "openvino": ("fp32", "bf16")}
-# --format -> the packages its export needs
+EXPORT_PRECISIONS = {"onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+# --format -> the packages its export needs (INT8: and the quantization tool, `deploy.quantize`)
 _RUNTIME_PACKAGES = {"onnx": ("onnx", "onnxscript"), "openvino": ("onnx", "onnxscript", "openvino")}
+_INT8_PACKAGES = {"onnx": ("nncf", "onnxruntime"), "openvino": ("nncf",)}  # NNCF calibrates ONNX on ORT
 
 
 def require(packages: tuple[str, ...], what: str) -> None:
@@ -41,7 +48,7 @@ def require(packages: tuple[str, ...], what: str) -> None:
                                f"install the pinned versions with `pip install -r requirements.txt`") from None
 
 
-def check_export(config, fmt: str, image_hw: tuple[int, int], precision: str) -> None:
+def check_export(config, fmt: str, image_hw: tuple[int, int], precision: str, with_nms: bool = False) -> None:
     """Everything that can be refused before the (slow) export: format, precision, runtime packages, size."""
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
@@ -49,6 +56,11 @@ def check_export(config, fmt: str, image_hw: tuple[int, int], precision: str) ->
         raise ValueError(f"--precision {precision} with --format {fmt}: ONNX Runtime has no bf16 CPU kernels for "
                          f"this network; export --format openvino --precision bf16, or fp32")
     require(_RUNTIME_PACKAGES[fmt], f"--format {fmt}")
+    if precision == "int8":
+        require(_INT8_PACKAGES[fmt], f"--precision int8 --format {fmt}")
+        if with_nms:
+            raise ValueError("--precision int8 with --with-nms: quantization calibrates the plain network; export "
+                             "it without --with-nms")
     validate_image_size(config, image_hw, "--image-size")
     if fmt == "openvino":
         # OpenVINO's MaxPool refuses a window larger than its padded input (PyTorch and ONNX Runtime let the
@@ -82,10 +94,9 @@ def export_onnx(model: EfficientDet, path: Path, image_hw: tuple[int, int], batc
     return path
 
 
-def onnx_to_openvino(onnx_path: Path, output: Path) -> Path:
-    """`model.xml` + `model.bin` in `output` from an ONNX file, weights in float32."""
+def save_openvino(ov_model, output: Path) -> Path:
+    """`model.xml` + `model.bin` of an `openvino.Model` in `output`, weights as they are (no fp16 compression)."""
     import openvino as ov
-    ov_model = ov.convert_model(str(onnx_path))
     with tempfile.TemporaryDirectory(dir=output) as tmp:  # complete files only in `output`
         ov.save_model(ov_model, str(Path(tmp) / "model.xml"), compress_to_fp16=False)
         for name in ("model.xml", "model.bin"):
@@ -93,23 +104,45 @@ def onnx_to_openvino(onnx_path: Path, output: Path) -> Path:
     return Path(output) / "model.xml"
 
 
+def onnx_to_openvino(onnx_path: Path, output: Path) -> Path:
+    """`model.xml` + `model.bin` in `output` from an ONNX file, weights in float32."""
+    import openvino as ov
+    return save_openvino(ov.convert_model(str(onnx_path)), output)
+
+
 def export_model(model: EfficientDet, info: dict, output: Path, fmt: str, image_hw: tuple[int, int],
-                 batch_size: int | None = 1, precision: str = "fp32", with_nms: bool = False) -> Path:
+                 batch_size: int | None = 1, precision: str = "fp32", with_nms: bool = False,
+                 int8: Int8Options | None = None) -> Path:
     """Export `model` (its weights from `info["source"]`) into the folder `output`; returns the sidecar path.
 
     info: as `utils.weights.detector_from_weights` returns it (class names and ids go into the sidecar).
+    precision "int8" needs `int8` (`deploy.quantize.Int8Options`: calibration images and options); the
+    calibration images are checked before the export starts.
     """
+    from .quantize import CalibrationBatches, quantize
     model = model.float().eval()
-    check_export(model.config, fmt, image_hw, precision)
+    check_export(model.config, fmt, image_hw, precision, with_nms)
+    if (precision == "int8") != (int8 is not None):
+        raise ValueError("--precision int8 needs --calibration-images (and only int8 takes them)")
+    if int8:
+        int8.fast_bias_correction(fmt)  # an option the tool cannot run is refused before the export
+    batches = (CalibrationBatches(int8.files, image_hw, model.config.mean_rgb, model.config.stddev_rgb, batch_size)
+               if int8 else None)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx":
-        # written under a temporary name first: an interrupted export leaves no half model.onnx behind
-        tmp = output / f".model.{os.getpid()}.onnx"
-        export_onnx(model, tmp, image_hw, batch_size, with_nms)
-        tmp.replace(output / FORMATS[fmt])
-    else:
-        with tempfile.TemporaryDirectory(dir=output) as tmp:
-            onnx_to_openvino(export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms), output)
+    with tempfile.TemporaryDirectory(dir=output) as tmp:
+        onnx_path = export_onnx(model, Path(tmp) / "model.onnx", image_hw, batch_size, with_nms)
+        if fmt == "openvino" and int8:
+            save_openvino(quantize(onnx_path, fmt, batches, int8, model.config), output)
+        elif fmt == "openvino":
+            onnx_to_openvino(onnx_path, output)
+        else:
+            if int8:
+                import onnx
+                onnx_path = Path(tmp) / "model.int8.onnx"
+                onnx.save(quantize(onnx_path.with_name("model.onnx"), fmt, batches, int8, model.config), str(onnx_path))
+            onnx_path.replace(output / FORMATS[fmt])  # same file system: no half model.onnx is ever visible
     sidecar = make_sidecar(model.config, info, fmt, FORMATS[fmt], image_hw, batch_size, precision, with_nms, OPSET)
+    if int8:
+        sidecar["quantization"] = int8.describe(fmt, len(set(batches.files)), model.config)
     return write_sidecar(sidecar, output)

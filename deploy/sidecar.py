@@ -4,7 +4,8 @@ Keys (all values from the model's `EfficientDetConfig` and its weight file, noth
 
 * `format` ("efficientdet-export/1"), `model` (variant), `runtime` ("onnx" / "openvino"), `file` (the model
   file, relative to the sidecar), `precision`, `runtime_config` (properties to compile it with: OpenVINO's
-  `INFERENCE_PRECISION_HINT`, since its CPU default is bf16 on CPUs with AVX512-BF16 / AMX), `with_nms`,
+  `INFERENCE_PRECISION_HINT`, since its CPU default is bf16 on CPUs with AVX512-BF16 / AMX; f32 for an INT8
+  export: what is not quantized runs in float32), `with_nms`,
   `opset`, `exporter`.
 * `input`: name, layout "NCHW", dtype, height, width, batch (an int, or "dynamic").
 * `preprocessing`: RGB 0..255 -> `(x - mean_rgb) / stddev_rgb` per channel -> aspect-preserving bilinear
@@ -13,6 +14,9 @@ Keys (all values from the model's `EfficientDetConfig` and its weight file, noth
 * `classes`: `[{"index": i, "id": category id, "name": ...}]` in output-channel order (id None if unknown).
 * `anchors`: min/max level, num_scales, aspect_ratios (w / h), anchor_scale, count, order, box format.
 * `outputs`: name, shape and meaning of each output, in order.
+* `quantization` (INT8 exports only, `deploy.quantize.Int8Options.describe`): the tool and its version,
+  how many calibration images from which folder, the layer groups kept in float and NNCF's preset and bias
+  correction.
 """
 from __future__ import annotations
 
@@ -66,7 +70,7 @@ def make_sidecar(config: EfficientDetConfig, info: dict, runtime: str, file: str
     ids = info.get("class_to_category") or [None] * config.num_classes
     return {
         "format": FORMAT, "model": config.name, "runtime": runtime, "file": file, "precision": precision,
-        "runtime_config": ({"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision]}
+        "runtime_config": ({"INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]}
                            if runtime == "openvino" else {}),
         "with_nms": with_nms, "opset": opset, "exporter": f"torch {torch.__version__} torch.onnx.export (dynamo)",
         "input": {"name": "images", "layout": "NCHW", "dtype": "float32", "height": int(image_hw[0]),

@@ -134,8 +134,10 @@ class Predictor:
 
     Build it with `from_pretrained` / `from_weights` (options below), then call `predict`.
 
-    Options: device "auto" (cuda if available) | "cpu" | "cuda[:N]"; precision "fp32" | "bf16" | "fp16";
-    backend "torch" | "onnxruntime" | "openvino" (CPU; the weights are exported once into
+    Options: device "auto" (cuda if available) | "cpu" | "cuda[:N]"; precision "fp32" | "bf16" | "fp16" |
+    "int8" (with backend "onnxruntime" / "openvino": an INT8 export, from `exported` or quantized once after
+    calibrating on the training images of the folder `calibration_images`, `calibration_count` of them,
+    default 300); backend "torch" | "onnxruntime" | "openvino" (CPU; the weights are exported once into
     runs/export-cache/, or `exported` names a folder written by `-mode export`); image_size S or (H, W) or
     "WxH" (default: the one stored with the weights, else the variant's); nms "hard" | "soft" (the default of
     `predict`); compile (torch.compile the network); batch_size (images per forward pass in `predict`);
@@ -145,7 +147,8 @@ class Predictor:
 
     def __init__(self, model, info: dict, device: str = "auto", precision: str = "fp32", backend: str = "torch",
                  exported: str | os.PathLike | None = None, nms: str = "hard", compile: bool = False,
-                 batch_size: int = 1, tta: str | None = None):
+                 batch_size: int = 1, tta: str | None = None, calibration_images: str | os.PathLike | None = None,
+                 calibration_count: int | None = None):
         _check_choice("nms", nms, NMS_METHODS)
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size {batch_size!r}: expected an integer >= 1")
@@ -156,7 +159,8 @@ class Predictor:
         self.categories = [cat or c + 1 for c, cat in enumerate(info["class_to_category"] or [None] * num_classes)]
         self.config, self.nms, self.batch_size, self.precision, self.tta = model.config, nms, batch_size, precision, tta
         flags = argparse.Namespace(backend=backend, exported=exported, precision=precision, compile=compile,
-                                   device=device)
+                                   device=device, calibration_images=calibration_images,
+                                   calibration_count=calibration_count)
         network = network_from_args(flags, model, info)
         self.model = model.to(self.device).eval()
         self._detectors = {nms: Detector(self.model, self.image_size, "infer", nms, precision, compile, network, tta)}
@@ -183,7 +187,8 @@ class Predictor:
         model, info = load_detector(args)
         return cls(model, info, device=args.device, precision=args.precision, backend=args.backend,
                    exported=args.exported, nms=args.nms, compile=args.compile, batch_size=args.batch_size,
-                   tta=args.tta)
+                   tta=args.tta, calibration_images=args.calibration_images,
+                   calibration_count=args.calibration_count)
 
     def _detector(self, nms: str) -> Detector:
         """The Detector of NMS method `nms`; all share the one prepared network."""

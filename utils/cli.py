@@ -96,8 +96,15 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 def add_inference_args(parser: argparse.ArgumentParser) -> None:
     """How `-mode eval` and `-mode infer` run the network (`model.inference.prepare_for_inference`)."""
-    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
-                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs)")
+    parser.add_argument("--precision", choices=[*PRECISIONS, "int8"], default="fp32",
+                        help="network precision (bf16: fast on CPUs with AMX/AVX512-BF16; fp16: GPUs; int8: an INT8 "
+                             "export on --backend onnxruntime / openvino, from --exported or --calibration-images)")
+    parser.add_argument("--calibration-images", metavar="DIR", default=None,
+                        help="with --precision int8 and no --exported: quantize the weights once (cached in "
+                             "runs/export-cache/) after calibrating on these images (training images, never the "
+                             "evaluation set)")
+    parser.add_argument("--calibration-count", type=number(int, 1), default=None, metavar="N",
+                        help="calibration images used, spread over the folder (default 300)")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the network (falls back to eager with a warning if it fails)")
     parser.add_argument("--backend", choices=["torch", "onnxruntime", "openvino"], default="torch",
