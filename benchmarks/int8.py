@@ -8,11 +8,11 @@ Every config is an export of the weights as `-mode export` makes it (dynamic bat
 `--calibration-count` images of `--calibration-images`, training images, preprocessed as inference does):
 
 * ov-fp32 / ov-bf16: OpenVINO IR compiled with `INFERENCE_PRECISION_HINT` f32 / bf16 (bf16 where the CPU has it);
-* ov-int8: as `-mode export --precision int8` ships it (mixed preset, full bias correction, the variant's
-  default float groups: depthwise for Lite, none for D0-D7x); ov-int8-fast-bc: NNCF's own defaults (fast bias
-  correction), nothing kept in float; ov-int8-full-bc: full bias correction, nothing in float; the others
-  change one lever from ov-int8-full-bc: ov-int8-performance the preset, ov-int8-keep-X the layer group X
-  left in float (`--keep-float`: class-out + box-out as "heads-out", se, fusion, depthwise);
+* ov-int8: as `-mode export --precision int8` ships it (mixed preset, fast bias correction, the variant's
+  default float groups: depthwise for Lite, none for D0-D7x); ov-int8-all: NNCF's own defaults, every group
+  in int8; the others change one lever from ov-int8-all: ov-int8-full-bc full bias correction,
+  ov-int8-performance the preset, ov-int8-keep-X the layer group X left in float (`--keep-float`: class-out +
+  box-out as "heads-out", se, fusion, depthwise);
 * ort-fp32 / ort-int8: ONNX Runtime, fp32 and NNCF's QDQ model as shipped (fast bias correction, the
   variant's default float groups); ort-int8-qdq-minmax: ONNX
   Runtime's own `quantize_static` on the fp32 export (QDQ, per-channel int8 weights, uint8 activations,
@@ -55,9 +55,9 @@ from utils.weights import detector_from_weights  # noqa: E402
 CONFIGS = {
     "ov-fp32": ("openvino", "fp32", None),
     "ov-bf16": ("openvino", "bf16", None),
-    "ov-int8": ("openvino", "int8", {}),  # as shipped: full bias correction, the variant's default float groups
-    "ov-int8-fast-bc": ("openvino", "int8", {"keep_float": (), "bias_correction": "fast"}),  # NNCF's defaults
-    "ov-int8-full-bc": ("openvino", "int8", {"keep_float": ()}),
+    "ov-int8": ("openvino", "int8", {}),  # as shipped: fast bias correction, the variant's default float groups
+    "ov-int8-all": ("openvino", "int8", {"keep_float": ()}),  # NNCF's defaults: every group in int8
+    "ov-int8-full-bc": ("openvino", "int8", {"keep_float": (), "bias_correction": "full"}),
     "ov-int8-performance": ("openvino", "int8", {"keep_float": (), "preset": "performance"}),
     "ov-int8-keep-heads-out": ("openvino", "int8", {"keep_float": ("class-out", "box-out")}),
     "ov-int8-keep-se": ("openvino", "int8", {"keep_float": ("se",)}),

@@ -33,8 +33,8 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
                              f"for the Lite variants, none for D0-D7x; the flag alone: none")
     parser.add_argument("--quant-preset", choices=PRESETS, default="mixed",
                         help="int8: NNCF's preset (mixed: asymmetric activations; performance: symmetric)")
-    parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS, default=None,
-                        help="int8: NNCF's bias correction (default: full for --format openvino, fast for onnx)")
+    parser.add_argument("--bias-correction", choices=BIAS_CORRECTIONS, default="fast",
+                        help="int8: NNCF's bias correction (full: --format openvino only)")
     parser.add_argument("--with-nms", action="store_true",
                         help="include box decoding and hard NMS (official image path: best class per anchor, "
                              "class-agnostic NMS at IoU 0.5, top 100): outputs boxes, scores, classes, num_valid")

@@ -6,9 +6,8 @@
   ONNX Runtime runs as int8 kernels. ONNX Runtime's own `quantize_static` (QDQ, MinMax) was measured and not
   shipped: on the 12-epoch shapes D0 it costs 27 AP points where NNCF's ONNX model gains (docs/deploy.md).
 * Options (`Int8Options`): `preset` "mixed" (NNCF's default: symmetric weights, asymmetric activations) or
-  "performance" (symmetric both); bias correction "full" (OpenVINO's default here: the same AP as NNCF's fast
-  one on the shapes D0 and Lite0, and it keeps the confident detections of the CI's tiny model, where the fast
-  one moves a box to IoU 0.44) or "fast" (ONNX's: the full one fails on NNCF's ONNX backend); `keep_float`
+  "performance" (symmetric both); bias correction "fast" (NNCF's default) or "full" (OpenVINO only: it fails
+  on NNCF's ONNX backend for this network; on the shapes D0 and Lite0 it measured no better); `keep_float`
   (default: `default_keep_float`).
 
 Calibration (`CalibrationBatches`): the images of a folder, preprocessed exactly as `-mode infer` does it
@@ -86,11 +85,11 @@ class Int8Options:
     count: int = DEFAULT_CALIBRATION_COUNT
     keep_float: tuple[str, ...] | None = None  # None: the variant's default (`default_keep_float`)
     preset: str = "mixed"
-    bias_correction: str | None = None  # "full" | "fast"; None: full for OpenVINO, fast for ONNX
+    bias_correction: str = "fast"  # NNCF's default; "full" (OpenVINO only)
 
     def fast_bias_correction(self, fmt: str) -> bool:
         """NNCF's fast bias correction for an export to `fmt`, else its full one (a ValueError where it fails)."""
-        method = self.bias_correction or ("full" if fmt == "openvino" else "fast")
+        method = self.bias_correction
         if method not in BIAS_CORRECTIONS:
             raise ValueError(f"--bias-correction {method}: expected one of {', '.join(BIAS_CORRECTIONS)}")
         if method == "full" and fmt == "onnx":
@@ -148,7 +147,7 @@ def onnx_scopes(onnx_path: Path) -> dict[str, list[str]]:
 def default_keep_float(config) -> tuple[str, ...]:
     """Layer groups kept in float by default, measured on the 12-epoch shapes models (docs/deploy.md): the
     depthwise convs of the ReLU6 (Lite) variants, whose INT8 costs Lite0 1.8 AP against 0.4 AP kept in float;
-    none for D0-D7x (swish), where INT8 of every group is within the noise of fp32."""
+    none for D0-D7x (swish), where every INT8 configuration scored above fp32."""
     return ("depthwise",) if config.act_type == "relu6" else ()
 
 

@@ -58,6 +58,8 @@ NOT_RUN = {
         _TRAINING + ", needs COCO and 4 processes",
     "python main.py -mode export -model efficientdet-d0 --pretrained --format onnx --output export/d0": _WEIGHTS,
     "python main.py -mode infer --weights runs/shapes/best.pth --images photo.jpg --backend onnxruntime": _WEIGHTS,
+    "python main.py -mode export --weights runs/shapes/best.pth --format openvino --precision int8 "
+    "--calibration-images data/shapes/train2017 --output export/shapes-int8": "needs the quick start's trained run",
     "wget https://storage.googleapis.com/cloud-tpu-checkpoints/efficientdet/coco2/efficientdet-d0.tar.gz":
         "downloads the official checkpoint",
     "tar -xzf efficientdet-d0.tar.gz -C weights/": "needs the downloaded checkpoint",
