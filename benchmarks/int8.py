@@ -41,15 +41,12 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.tta import val_split  # noqa: E402
-from data.coco import CocoDetection  # noqa: E402
+from benchmarks.tta import trained_model_and_val  # noqa: E402
 from deploy.backends import open_backend  # noqa: E402
 from deploy.export import export_model  # noqa: E402
 from deploy.quantize import DEFAULT_CALIBRATION_COUNT, CalibrationBatches, Int8Options  # noqa: E402
 from eval.evaluator import Detector, evaluate  # noqa: E402
 from model.cpu import describe, unsupported_precision  # noqa: E402
-from utils.image_size import resolve_image_size  # noqa: E402
-from utils.weights import detector_from_weights  # noqa: E402
 
 # config -> (engine, run precision, Int8Options fields beyond the calibration images, or None for a float export)
 CONFIGS = {
@@ -112,16 +109,10 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     weights = Path(args.weights)
-    if not weights.is_file():
-        sys.exit(f"--weights {weights}: not found; train it first (docs/training.md, the 12-epoch recipe)")
-    model, info = detector_from_weights(weights, None, "--weights")
-    model.eval()
-    size = resolve_image_size(model.config, info["image_size"])
-    info = {**info, "image_size": size}
-    ann, images = val_split(args.data)
-    dataset = CocoDetection(ann, images, train=False, image_size=size, mean_rgb=model.config.mean_rgb,
-                            stddev_rgb=model.config.stddev_rgb)
-    configs = [c for c in CONFIGS if c in args.configs and (CONFIGS[c][1] != "bf16" or not unsupported_precision("bf16"))]
+    model, info, size, dataset = trained_model_and_val(args.weights, args.data)
+    info, ann = {**info, "image_size": size}, dataset.ann_file
+    configs = [c for c in CONFIGS if c in args.configs
+               and (CONFIGS[c][1] != "bf16" or not unsupported_precision("bf16"))]
     if "ort-int8-qdq-minmax" in configs and "ort-fp32" not in configs:
         sys.exit("--configs ort-int8-qdq-minmax quantizes the ort-fp32 export: list ort-fp32 too")
     skipped = sorted(set(args.configs) - set(configs))

@@ -43,6 +43,21 @@ def val_split(data: str) -> tuple[Path, Path]:
     return root / "annotations" / "instances_val2017.json", root / "val2017"
 
 
+def trained_model_and_val(weights: str, data: str):
+    """(eval-mode model, weight info, image size (H, W), val `CocoDetection`) of a weight file written by training
+    and the val split of `data`; exits with a one-line message when the file is missing."""
+    weights = Path(weights)
+    if not weights.is_file():
+        sys.exit(f"--weights {weights}: not found; train it first (docs/training.md, the 12-epoch recipe)")
+    model, info = detector_from_weights(weights, None, "--weights")
+    model.eval()
+    size = resolve_image_size(model.config, info["image_size"])
+    ann, images = val_split(data)
+    dataset = CocoDetection(ann, images, train=False, image_size=size, mean_rgb=model.config.mean_rgb,
+                            stddev_rgb=model.config.stddev_rgb)
+    return model, info, size, dataset
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights", default="runs/shapes12/best.pth", help="a .pth written by training")
@@ -55,14 +70,8 @@ def main() -> None:
     args = parser.parse_args()
 
     weights = Path(args.weights)
-    if not weights.is_file():
-        sys.exit(f"--weights {weights}: not found; train it first (docs/training.md, the 12-epoch recipe)")
-    model, info = detector_from_weights(weights, None, "--weights")
-    model.eval()
-    size = resolve_image_size(model.config, info["image_size"])
-    ann, images = val_split(args.data)
-    dataset = CocoDetection(ann, images, train=False, image_size=size, mean_rgb=model.config.mean_rgb,
-                            stddev_rgb=model.config.stddev_rgb)
+    model, info, size, dataset = trained_model_and_val(args.weights, args.data)
+    ann = dataset.ann_file
     count = min(args.max_images or len(dataset), len(dataset))
     device = torch.device("cpu")
     rows = []

@@ -175,5 +175,5 @@ def quantize(onnx_path: Path, fmt: str, batches: CalibrationBatches, options: In
         advanced = AdvancedQuantizationParameters(activations_quantization_params=QuantizationParameters(
             per_channel=False))
     return nncf.quantize(model, dataset, preset=nncf.QuantizationPreset(options.preset),
-                         subset_size=len(batches.files), fast_bias_correction=options.fast_bias_correction(fmt),
+                         subset_size=len(batches), fast_bias_correction=options.fast_bias_correction(fmt),
                          ignored_scope=ignored, advanced_parameters=advanced)
