@@ -2,7 +2,7 @@
 the time per image its FLOPs and bytes allow on this CPU, and the table cells.
 
 Units: FLOPs and bytes are counts; GEMM peaks in GFLOP/s (1e9 FLOP/s), bandwidths in GB/s (1e9 bytes/s),
-times in seconds unless a name says ms.
+times in seconds unless a name says ms. Its columns are in speed.py's tables, which live in docs/speed.md.
 """
 from __future__ import annotations
 

@@ -194,7 +194,8 @@ def traffic(variant: str, size: int | None, mode: str, fused: bool, element_size
     from utils.summary import forward_bytes, meta_model
     name = f"efficientdet-{variant}"
     side = size or get_config(name).image_size
-    fused = fused and mode == "infer"
+    # the fused module runs exact 2x pyramids only; `prepare_for_inference` falls back to the plain one (Lite0's 320)
+    fused = fused and mode == "infer" and side % get_config(name).size_divisor == 0
     model = meta_model(name, fused=fused, training=mode == "train")
     return forward_bytes(model, (batch, 3, side, side), element_size, fused_activations=fused,
                          autograd=mode == "train")
@@ -204,7 +205,7 @@ def traffic(variant: str, size: int | None, mode: str, fused: bool, element_size
 def skip_reason(engine: str, mode: str, precision: str, variant: str, size: int | None) -> str | None:
     """Why the row (engine, mode, precision) cannot run here, or None."""
     if precision == "int8" and engine == "torch":
-        return "int8 runs on the engines (-mode export --precision int8: NNCF for OpenVINO, quantize_static for ONNX)"
+        return "int8 runs on the engines (-mode export --precision int8: NNCF, for OpenVINO and ONNX Runtime)"
     if engine != "torch":
         if mode == "train":
             return "the engines run inference only; training rows are PyTorch's (--backends torch)"
@@ -296,8 +297,9 @@ def main(argv=None) -> None:
             print(f"{precision} GEMM peak: not measured ({reason})")
         else:
             peaks[precision] = gemm_peak(args, precision)
+    rates = ", ".join(f"{p} {g:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s" for p, g in peaks.items())
     print(f"GEMM peak (torch.mm {GEMM_SIDE}x{GEMM_SIDE}, int8 torch._int_mm, {args.threads} threads, median of "
-          f"{KERNEL_RUNS}): " + ", ".join(f"{p} {g:.0f} G{'OP' if p == 'int8' else 'FLOP'}/s" for p, g in peaks.items()))
+          f"{KERNEL_RUNS}): {rates}")
     bandwidth = memory_bandwidth(args)
     print(f"memory bandwidth (triad a = b + 3c, 3 x {TRIAD_ELEMENTS * 4 >> 20} MiB float32, {args.threads} threads, "
           f"median of {KERNEL_RUNS}): {bandwidth:.1f} GB/s\n")

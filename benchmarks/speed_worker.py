@@ -142,7 +142,8 @@ def _build(spec: dict, tmp: str):
             from model.inference import prepare_for_inference
             # a deployment keeps only the prepared module; the delta check rebuilds the original
             network = prepare_for_inference(_new_model(spec).eval(), spec["precision"], fuse=not spec["no_fuse"],
-                                            channels_last=not spec["no_channels_last"], compile=spec["compile"])
+                                            channels_last=not spec["no_channels_last"], compile=spec["compile"],
+                                            image_size=(size, size))  # unfused where not a 2^max_level multiple
         else:
             network = _engine(spec, tmp)
         anchors = AnchorGenerator.from_config(get_config(name))((size, size))

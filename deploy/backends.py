@@ -190,6 +190,7 @@ def network_from_args(args, model: EfficientDet, info: dict):
             raise ValueError(f"--device {args.device}: --backend {args.backend} runs on the CPU")
     from model.config import parse_image_size
     images = getattr(args, "calibration_images", None)
-    int8 = Int8Options(images, getattr(args, "calibration_count", None) or DEFAULT_CALIBRATION_COUNT) if images else None
+    count = getattr(args, "calibration_count", None) or DEFAULT_CALIBRATION_COUNT
+    int8 = Int8Options(images, count) if images else None
     return open_backend(args.backend, model, info, parse_image_size(info["image_size"]), args.precision,
                         args.exported, int8=int8)

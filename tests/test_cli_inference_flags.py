@@ -150,10 +150,10 @@ def test_export_flags_reach_the_exporter(tiny, tmp_path, monkeypatch, flags, bat
     _, weights, _ = tiny
     seen = []
 
-    def record(model, info, output, fmt, image_hw, batch, precision="fp32", nms=False):
-        seen.append((fmt, image_hw, batch, nms))
+    def record(model, info, output, fmt, image_hw, batch, precision="fp32", nms=False, int8=None):
+        seen.append((fmt, image_hw, batch, nms, int8))
         return output / "model.json"
     monkeypatch.setattr("deploy.cli.export_model", record)
     assert main.main(["-mode", "export", "--weights", str(weights), "--format", "onnx", "--output",
                       str(tmp_path / "x"), *flags]) == 0
-    assert seen == [("onnx", (128, 128), batch_size, with_nms)]
+    assert seen == [("onnx", (128, 128), batch_size, with_nms, None)]
