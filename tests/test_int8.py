@@ -250,3 +250,6 @@ def test_calibrating_on_the_fly_caches_the_int8_model(trained, tmp_path, capsys,
     assert sidecar["precision"] == "int8" and sidecar["quantization"]["calibration_images"] == 4
     assert json.loads((tmp_path / "a" / "detections.json").read_text()) == \
         json.loads((tmp_path / "b" / "detections.json").read_text())
+    err = _error(argv[:8] + ["--exported", str(cached), "--output", "c"], capsys)  # the INT8 model run as fp32
+    assert err.startswith(f"error: --exported {cached}: an INT8 export; run it with --precision int8")
+    assert not (tmp_path / "c").exists()
