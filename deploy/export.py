@@ -12,7 +12,6 @@ as OpenVINO IR or as a QDQ ONNX file. Every export folder gets a `model.json` si
 from __future__ import annotations
 
 import importlib
-import os
 import tempfile
 import warnings
 from pathlib import Path

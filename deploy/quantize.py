@@ -63,7 +63,8 @@ class CalibrationBatches:
 
     def __init__(self, files: list[Path], image_hw: tuple[int, int], mean_rgb, stddev_rgb, batch_size: int | None):
         self.step = batch_size or 1
-        self.files = files + files[:(-len(files)) % self.step]  # the last fixed-size batch filled up
+        pad = -len(files) % self.step  # the last fixed-size batch filled up with the first files, cyclically
+        self.files = files + [files[i % len(files)] for i in range(pad)]
         self.image_hw, self.mean_rgb, self.stddev_rgb = image_hw, mean_rgb, stddev_rgb
 
     def __len__(self) -> int:

@@ -253,3 +253,20 @@ def test_calibrating_on_the_fly_caches_the_int8_model(trained, tmp_path, capsys,
     err = _error(argv[:8] + ["--exported", str(cached), "--output", "c"], capsys)  # the INT8 model run as fp32
     assert err.startswith(f"error: --exported {cached}: an INT8 export; run it with --precision int8")
     assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("count, batch, batches", [(3, None, 3), (3, 8, 1), (10, 4, 3)])
+def test_calibration_batches_fill_a_fixed_batch(tmp_path, count, batch, batches):
+    """Calibration images are preprocessed as inference does and come in batches of the export's size (the last
+    one filled up with the first images, however few there are)."""
+    from deploy.quantize import CalibrationBatches, calibration_files
+    for i in range(count):
+        Image.fromarray(np.full((40, 60, 3), 10 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    files = calibration_files(tmp_path, 300)
+    assert len(files) == count
+    data = CalibrationBatches(files, (64, 64), 127.0, 128.0, batch)
+    arrays = list(data)
+    assert len(arrays) == len(data) == batches
+    assert all(a.shape == (batch or 1, 3, 64, 64) and a.dtype == np.float32 for a in arrays)
+    expected = preprocess_for_eval(np.full((40, 60, 3), 0, np.uint8), 64, 127.0, 128.0)[0].numpy()
+    assert np.array_equal(arrays[0][0], expected)
