@@ -26,6 +26,11 @@ FORMATS = ("coco", "voc", "yolo")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by IMAGE_SUFFIXES) under `folder`, recursively, sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
 class DatasetError(ValueError):
     """A file of a dataset that cannot be read as its format says: `FILE:LINE: what is wrong`."""
 

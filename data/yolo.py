@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .formats import IMAGE_SUFFIXES, CocoBuilder, DatasetError, Notes, image_size
+from .formats import CocoBuilder, DatasetError, Notes, image_files, image_size
 from .voc import read_names
 
 LAYOUT = ("YOLO layout: ROOT/images/{train,val}/NAME.jpg, ROOT/labels/{train,val}/NAME.txt, class names in "
@@ -183,7 +183,7 @@ def read_yolo(path, split: str, image_dir=None) -> tuple[dict, Path]:
     label_dir = labels_folder(image_dir)
     notes = Notes(f"yolo:{label_dir}")
     builder = CocoBuilder("yolo", label_dir, names, notes)
-    images = sorted(p for p in image_dir.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    images = image_files(image_dir)
     for file in images:
         relative = file.relative_to(image_dir)
         size = image_size(file)

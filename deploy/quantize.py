@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.formats import IMAGE_SUFFIXES
+from data.formats import IMAGE_SUFFIXES, image_files
 
 DEFAULT_CALIBRATION_COUNT = 300
 PRESETS = ("mixed", "performance")
@@ -48,7 +48,7 @@ def calibration_files(folder: str | Path, count: int, flag: str = "--calibration
     if not folder.is_dir():
         raise FileNotFoundError(f"{flag} {folder}: not a folder; expected a folder of calibration images "
                                 f"(training images, {', '.join(IMAGE_SUFFIXES)})")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    files = image_files(folder)
     if not files:
         raise ValueError(f"{flag} {folder}: no image files in this folder ({', '.join(IMAGE_SUFFIXES)})")
     if count < 1:
