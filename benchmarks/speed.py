@@ -194,8 +194,7 @@ def traffic(variant: str, size: int | None, mode: str, fused: bool, element_size
     from utils.summary import forward_bytes, meta_model
     name = f"efficientdet-{variant}"
     side = size or get_config(name).image_size
-    # the fused module runs exact 2x pyramids only; `prepare_for_inference` falls back to the plain one (Lite0's 320)
-    fused = fused and mode == "infer" and side % get_config(name).size_divisor == 0
+    fused = fused and mode == "infer"
     model = meta_model(name, fused=fused, training=mode == "train")
     return forward_bytes(model, (batch, 3, side, side), element_size, fused_activations=fused,
                          autograd=mode == "train")

@@ -142,8 +142,7 @@ def _build(spec: dict, tmp: str):
             from model.inference import prepare_for_inference
             # a deployment keeps only the prepared module; the delta check rebuilds the original
             network = prepare_for_inference(_new_model(spec).eval(), spec["precision"], fuse=not spec["no_fuse"],
-                                            channels_last=not spec["no_channels_last"], compile=spec["compile"],
-                                            image_size=(size, size))  # unfused where not a 2^max_level multiple
+                                            channels_last=not spec["no_channels_last"], compile=spec["compile"])
         else:
             network = _engine(spec, tmp)
         anchors = AnchorGenerator.from_config(get_config(name))((size, size))

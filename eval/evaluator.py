@@ -43,8 +43,7 @@ class Detector(nn.Module):
                  precision: str = "fp32", compile: bool = False, network=None, tta: str | None = None):
         super().__init__()
         self.image_size = parse_image_size(image_size)
-        self.model = network if network is not None else prepare_for_inference(
-            model, precision, compile=compile, image_size=self.image_size)
+        self.model = network if network is not None else prepare_for_inference(model, precision, compile=compile)
         self.mode, self.nms, self.precision = mode, nms, precision
         self.anchors = AnchorGenerator.from_config(model.config)
         self.tta = TestTimeAugmentation.from_name(tta, self.image_size, model.config.size_divisor,

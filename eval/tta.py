@@ -38,7 +38,7 @@ class Pass:
 
 def scaled_size(base_hw: tuple[int, int], factor: float, divisor: int) -> tuple[int, int]:
     """`base_hw` itself for factor 1, else `factor` x `base_hw` with each side rounded to the nearest multiple
-    of `divisor` (halves up, at least one multiple): sizes the fused network runs. A side that lands back on
+    of `divisor` (halves up, at least one multiple): exact 2x pyramids. A side that lands back on
     its base size is moved one multiple further (0.8x of 256 at divisor 128 is 128, 1.2x is 384), so every
     scale is a pass of its own."""
     def side(base: int) -> int:

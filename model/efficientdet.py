@@ -13,21 +13,6 @@ from .head import HeadNet
 CLASS_PRIOR_PROBABILITY = 0.01
 
 
-def check_image_size(height: int, width: int, divisor: int, name: str = "model") -> None:
-    """Raise a ValueError unless both sides are positive multiples of `divisor` (2^max_level): for modules
-    that only implement exact 2x pyramids."""
-    if height > 0 and width > 0 and height % divisor == 0 and width % divisor == 0:
-        return
-
-    def nearest(n: int) -> str:
-        lower = n // divisor * divisor
-        return " or ".join(str(v) for v in (lower, lower + divisor) if v > 0)
-
-    raise ValueError(
-        f"{name}: input size {height}x{width} is not supported: height and width must be multiples of "
-        f"{divisor} (2^max_level); nearest valid height {nearest(height)}, width {nearest(width)}")
-
-
 def validate_image_size(config: EfficientDetConfig, image_size: tuple[int, int], name: str = "model") -> None:
     """Raise a ValueError unless the official network accepts `image_size` (H, W) (`check_feature_pyramid`)."""
     check_feature_pyramid(tuple(image_size), config.min_level, config.max_level, name)

@@ -13,7 +13,8 @@ about passes over activations and per-call overheads):
   fp32 GEMM reaches 50-80 % of oneDNN's rate (`benchmarks/profile_engines.py`: the P3 class predictor
   7.1 -> 3.7 ms).
 * TF 'SAME' padding of strided convs without a padded copy: the kernel is zero-extended at the top/left
-  by (after - before) and run with symmetric padding `after`, which reads exactly TF's windows.
+  by (after - before) of a side divisible by the stride and run with symmetric padding `before(side) +
+  extension` per side, which reads exactly TF's windows for every side length (even and odd).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2dSame, activation
+from .layers import Conv2dSame, activation, same_padding
 
 GEMM_MAX_PIXELS = 4096  # 1x1 convs on at most this many pixels (N * H * W) run as a GEMM
 _HAS_ONEDNN = torch.backends.mkldnn.is_available()
@@ -56,11 +57,15 @@ def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d 
 
 
 class FrozenConv(nn.Module):
-    """Conv with fixed weights (BN folded in) and optional activation `act` (None, "swish", "relu6"); TF 'SAME'
-    for sides that are multiples of the stride. `[N, I, H, W] -> [N, O, H/s, W/s]`.
+    """Conv with fixed weights (BN folded in) and optional activation `act` (None, "swish", "relu6"); TF 'SAME'.
+    `[N, I, H, W] -> [N, O, ceil(H / s), ceil(W / s)]`, any H, W.
 
     Asymmetric SAME padding (strided convs) is turned into symmetric padding by zero-extending the kernel
-    at the top/left, so no padded copy of the input is made.
+    at the top/left by `e` = (after - before) of a side divisible by the stride, so no padded copy of the
+    input is made. A side of length n is then padded by `before(n) + e` on both ends: the extended window
+    starts at `-before(n) - e` and its first `e` rows are zero, so it reads TF's window from `-before(n)`;
+    the count of windows is TF's `ceil(n / s)` (stride 2: `e` = 1; n even: `before` = (k - 2) / 2, odd:
+    (k - 1) / 2), and what hangs over the end is padding TF has too.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
@@ -69,11 +74,13 @@ class FrozenConv(nn.Module):
         if act not in _ONEDNN_ACT:
             raise ValueError(f"act {act!r}: expected None, 'swish' or 'relu6'")
         before, after = pad
-        weight = F.pad(weight, (after - before, 0, after - before, 0))
+        self.kernel_size, self.extension = weight.shape[-1], after - before
+        weight = F.pad(weight, (self.extension, 0, self.extension, 0))
         self.register_buffer("weight", weight.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
-        self.stride, self.padding, self.groups, self.act = stride, after, groups, act
-        self._packed: dict[str | int, tuple[torch.Tensor, torch.Tensor]] = {}  # "conv" | GEMM rows -> (weight, packed)
+        self.stride, self.groups, self.act = stride, groups, act
+        # (padding H, W) | GEMM rows -> (weight, packed)
+        self._packed: dict[tuple[int, int] | int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
 
     @classmethod
@@ -82,13 +89,20 @@ class FrozenConv(nn.Module):
         w, b = fold_bn(conv.weight, conv.bias, bn, scale, input_bias)
         asym = isinstance(conv, Conv2dSame) and conv.asym_pad is not None
         pad = conv.asym_pad[2:] if asym else (conv.padding[0],) * 2
+        if not asym and (conv.stride[0] != 1 or pad != same_padding(conv.kernel_size[0], 1)):
+            raise ValueError(f"{conv}: expected TF 'SAME' padding (a Conv2dSame, or a stride-1 conv padded by "
+                             f"(k - 1) / 2)")
         has_bias = bn is not None or conv.bias is not None or input_bias is not None
         return cls(w, b if has_bias else None, conv.stride[0], conv.groups, act, pad)
 
-    def _packed_weight(self, key: str | int, pack) -> torch.Tensor:
-        # oneDNN's blocked weight layout, made once by `pack()`: "conv" (valid for every input shape) or, for the
-        # GEMM, per number of rows (its packing is tuned to them). Not buffers: opaque MKLDNN tensors, rebuilt
-        # if the module is moved or cast.
+    def padding(self, height: int, width: int) -> list[int]:
+        """The symmetric padding `[H, W]` of the (extended) kernel that reads TF's 'SAME' windows of this input."""
+        return [same_padding(self.kernel_size, self.stride, n)[0] + self.extension for n in (height, width)]
+
+    def _packed_weight(self, key: tuple[int, int] | int, pack) -> torch.Tensor:
+        # oneDNN's blocked weight layout, made once by `pack()`: for the conv per padding (one key for every
+        # size with the same parities) or, for the GEMM, per number of rows (its packing is tuned to them).
+        # Not buffers: opaque MKLDNN tensors, rebuilt if the module is moved or cast.
         cached = self._packed.get(key)
         if cached is None or cached[0] is not self.weight:
             cached = self._packed[key] = (self.weight, pack())
@@ -106,13 +120,13 @@ class FrozenConv(nn.Module):
                 return nchw(y.view(n, h * w, -1), h, w)
             y = nchw(F.linear(rows, self.weight.flatten(1), self.bias).view(n, h * w, -1), h, w)
             return activation(y, self.act, inplace=True) if self.act else y
+        padding = self.padding(h, w)
         if _onednn(x) and x.dtype == self.weight.dtype:
-            packed = self._packed_weight("conv", lambda: torch.ops.mkldnn._reorder_convolution_weight(
-                self.weight, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups, list(x.shape)))
+            packed = self._packed_weight(tuple(padding), lambda: torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, padding, [self.stride] * 2, [1, 1], self.groups, list(x.shape)))
             return torch.ops.mkldnn._convolution_pointwise(
-                x, packed, self.bias, [self.padding] * 2, [self.stride] * 2, [1, 1], self.groups,
-                *_ONEDNN_ACT[self.act], "")
-        x = F.conv2d(x, self.weight, self.bias, self.stride, self.padding, 1, self.groups)
+                x, packed, self.bias, padding, [self.stride] * 2, [1, 1], self.groups, *_ONEDNN_ACT[self.act], "")
+        x = F.conv2d(x, self.weight, self.bias, self.stride, padding, 1, self.groups)
         return activation(x, self.act, inplace=True) if self.act else x
 
 

@@ -26,7 +26,7 @@ from torch import nn
 from .cpu import unsupported_precision
 
 from .bifpn import FUSION_EPS, BiFPN, FNode, ResampleFeatureMap
-from .efficientdet import EfficientDet, check_image_size
+from .efficientdet import EfficientDet, validate_image_size
 from .efficientnet import EfficientNet, MBConvBlock, run_tapped
 from .fuse import FrozenConv, fold_bn, nchw, nhwc
 from .head import HeadNet
@@ -142,7 +142,8 @@ class FusedEfficientNet(nn.Module):
 
 class FusedResample(nn.Module):
     """Eval `ResampleFeatureMap` times a non-negative scale (folded into the projection when present), of an
-    input that may owe a deferred bias (folded into the projection, which backbone taps always have)."""
+    input that may owe a deferred bias (folded into the projection, which backbone taps always have).
+    `forward(x [N, C_in, H, W], size (H_t, W_t)) -> [N, C_out, H_t, W_t]` (`size` is needed to go up only)."""
 
     def __init__(self, resample: ResampleFeatureMap, scale: float = 1.0, input_bias: torch.Tensor | None = None):
         super().__init__()
@@ -151,17 +152,16 @@ class FusedResample(nn.Module):
         self.conv = (FrozenConv.from_conv(resample.conv, resample.bn, scale=scale, input_bias=input_bias)
                      if resample.project else None)
         self.scale = 1.0 if resample.project else scale  # left for the fusion sum to apply
-        pool: MaxPool2dSame | None = resample.pool
-        self.pool = None if pool is None else (pool.kernel_size, pool.stride, pool.padding)
+        self.pool: MaxPool2dSame | None = resample.pool
         self.upsample = resample.upsample
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         if self.conv is not None:
             x = self.conv(x)
         if self.pool is not None:
-            x = F.max_pool2d(x, *self.pool, ceil_mode=True)
+            x = self.pool(x)
         elif self.upsample is not None:
-            x = F.interpolate(x, scale_factor=float(self.upsample), mode="nearest")
+            x = F.interpolate(x, size=tuple(size), mode="nearest")  # the official nearest resize to the target size
         return x
 
 
@@ -182,14 +182,16 @@ class FusedFNode(nn.Module):
         self.dw = FrozenConv.from_conv(node.conv.conv_dw)
         self.pw = FrozenConv.from_conv(node.conv.conv_pw, node.bn)
         self.act_type = node.act_type
+        self.same_level = node.same_level
 
     def forward(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        size = inputs[self.same_level].shape[-2:]
         first, second, *rest = self.order
-        base, s0 = self.resample[first](inputs[first]), self.resample[first].scale
-        out = torch.add(base if s0 == 1.0 else base * s0, self.resample[second](inputs[second]),
+        base, s0 = self.resample[first](inputs[first], size), self.resample[first].scale
+        out = torch.add(base if s0 == 1.0 else base * s0, self.resample[second](inputs[second], size),
                         alpha=self.resample[second].scale)
         for i in rest:
-            out.add_(self.resample[i](inputs[i]), alpha=self.resample[i].scale)
+            out.add_(self.resample[i](inputs[i], size), alpha=self.resample[i].scale)
         return self.pw(self.dw(activation(out, self.act_type, inplace=True)))
 
 
@@ -263,7 +265,7 @@ class FusedEfficientDet(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"{self.config.name}: expected images [N, 3, H, W], got {list(images.shape)}")
-        check_image_size(images.shape[2], images.shape[3], self.config.size_divisor, self.config.name)
+        validate_image_size(self.config, (int(images.shape[2]), int(images.shape[3])), self.config.name)
         # Cast, then transpose: one converting-and-transposing copy is ~2x slower on CPU (bf16 batch 8: ~4 ms).
         x = images.to(self.dtype).contiguous(memory_format=torch.channels_last)
         features = self.fpn(self.backbone(x))
@@ -306,8 +308,7 @@ class _CompileOrEager(nn.Module):
 
 
 def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bool = True,
-                          channels_last: bool = True, compile: bool = False,
-                          image_size: tuple[int, int] | None = None) -> nn.Module:
+                          channels_last: bool = True, compile: bool = False) -> nn.Module:
     """An inference module with `model`'s forward: `images [N, 3, H, W] -> (cls_outs, box_outs)`.
 
     `model` itself is left as it is (it is copied, never modified). Outputs have the images' dtype and
@@ -322,8 +323,6 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     compile: also `torch.compile` the result (inductor with freezing; falls back to eager with a warning
         where it fails). On the 2-core CPU of `benchmarks/speed.py` it compiles for ~2 minutes and then runs
         10-20 % slower than the eager fused module, so it is off by default.
-    image_size: the (H, W) the module will see, if known. The fused copy implements exact 2x pyramids only
-        (sides that are multiples of 2^max_level); for another size the plain module is used, with a warning.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
@@ -332,11 +331,6 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     reason = unsupported_precision(precision, device)
     if reason:
         raise ValueError(reason)
-    divisor = model.config.size_divisor
-    if fuse and image_size is not None and any(side % divisor for side in image_size):
-        warnings.warn(f"{model.config.name}: input {image_size[0]}x{image_size[1]} (HxW) is not a multiple of "
-                      f"{divisor} on both sides; running the unfused network", stacklevel=2)
-        fuse = False
     if fuse:
         module = FusedEfficientDet(model, dtype).to(device)
     else:

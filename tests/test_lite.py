@@ -10,7 +10,10 @@ import torch
 from conftest import SHARED_FIXTURES, nhwc, record_delta, require_fixture
 from data.transforms import preprocess_for_eval
 from model import VARIANTS, AnchorGenerator, build_model, flatten_outputs, get_config
+from model.cpu import unsupported_precision
+from model.inference import FusedEfficientDet, prepare_for_inference
 from model.postprocess import infer_candidates, postprocess
+from precision_helpers import assert_close_in_roundoff, decided_detections
 from tf_writer import write_checkpoint
 from utils.port_tf import PortError, load_tf_state_dict, port_tf_checkpoint
 from utils.tf_checkpoint import TFCheckpointReader
@@ -147,6 +150,31 @@ def test_network_tensors(lite_features, lite_dir, lite_ref):
         assert record_delta(f"lite0 {key}", nhwc(box_outs[level - 3]), lite_ref[key], NET_TOL) <= NET_TOL
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fused_module_at_320(lite_model, lite_input, lite_features, lite_ref, precision):
+    """The inference module (BN folded, relu6 fused, NHWC) at Lite0's official 320 px, where P6 is 5x5 and
+    P7 3x3: fp32 matches the official head outputs as the plain model does; bf16 stays within its roundoff of
+    fp32 and finds the detections fp32 decides (`precision_helpers`)."""
+    reason = unsupported_precision(precision, torch.device("cpu"))
+    if reason:
+        pytest.skip(reason)
+    fused = prepare_for_inference(lite_model, precision)
+    assert isinstance(fused, FusedEfficientDet)
+    outputs = fused(lite_input)
+    if precision == "fp32":
+        for level in range(4, 8):
+            key = f"class_outputs_p{level}"
+            assert record_delta(f"lite0 fused {key}", nhwc(outputs[0][level - 3]), lite_ref[key], NET_TOL) <= NET_TOL
+        for level in LEVELS:
+            key = f"box_outputs_p{level}"
+            assert record_delta(f"lite0 fused {key}", nhwc(outputs[1][level - 3]), lite_ref[key], NET_TOL) <= NET_TOL
+        return
+    assert_close_in_roundoff(outputs, lite_features["heads"], precision)
+    anchors = AnchorGenerator.from_config(lite_model.config)(tuple(lite_input.shape[-2:]))
+    decided, missed, _ = decided_detections(lite_features["heads"], outputs, anchors)
+    assert decided and not missed
+
+
 def test_raw_weights_match_no_ema_outputs(lite_dir, lite_input, lite_features):
     raw = np.load(lite_dir / "no_ema_outputs.npz")
     model = build_model("efficientdet-lite0")
@@ -248,9 +276,8 @@ def test_infer_mode_reproduces_the_official_detections(lite_dir, lite_ref, tmp_p
     weights = tmp_path / "lite0.pth"
     port_tf_checkpoint(lite_dir, "efficientdet-lite0").save(weights, source=str(lite_dir))
     out = tmp_path / "out"
-    with pytest.warns(UserWarning, match="not a multiple of 128"):  # 320: runs the unfused network
-        assert main.main(["-mode", "infer", "--weights", str(weights), "--images", str(lite_dir / "image.png"),
-                          "--output", str(out), "--threshold", "0", "--nms", "soft"]) == 0
+    assert main.main(["-mode", "infer", "--weights", str(weights), "--images", str(lite_dir / "image.png"),
+                      "--output", str(out), "--threshold", "0", "--nms", "soft"]) == 0
     found = [d for d in json.loads((out / "detections.json").read_text()) if d["bbox"][2] > 0 and d["bbox"][3] > 0]
     height, width = lite_ref["image_uint8"].shape[:2]
     expected = []
