@@ -1,10 +1,12 @@
-"""Where the time goes: our fused PyTorch network against the same network exported to ONNX Runtime, by kind of op.
+"""Where the time goes: our fused PyTorch network against the same network exported to ONNX Runtime (fp32) or
+OpenVINO (bf16), by kind of op.
 
     python benchmarks/profile_engines.py                 # D0, 512 px, batch 1, fp32, 2 threads
     python benchmarks/profile_engines.py --batch 8 --runs 5
+    python benchmarks/profile_engines.py --precision bf16   # against OpenVINO bf16 (ONNX Runtime has no bf16)
 
-Network only (no post-processing, which both engines share), one process, the same randomised weights on
-both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed, with the CPU:
+Network only (no post-processing, which both engines share), one process with `main.py`'s inference allocator
+setting (`utils/allocator.py`), the same randomised weights on both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed, with the CPU:
 
 * the median wall time per image of `--runs` unprofiled calls, engines interleaved;
 * one profiled call per engine (PyTorch: the last of three), its time split by kind of op, in ms per image. PyTorch: `torch.profiler` with
@@ -12,7 +14,9 @@ both sides (`benchmarks/speed_worker.py`: BN statistics and biases too). Printed
   is fused into it) and the other top-level ATen ops by name; ONNX Runtime: its own session profile (one event
   per graph node, after its graph optimisations), convs classed by weight shape. "not in any op" is the
   profiled wall time minus the ops: Python and dispatch on the PyTorch side, the session's scheduling on ONNX
-  Runtime's; the op count says how many calls pay that per-op cost;
+  Runtime's; the op count says how many calls pay that per-op cost; OpenVINO: its per-node performance
+  counters (`PERF_COUNT`, one node per fused kernel of its compiled graph), convs classed by the input shapes of
+  the compiled graph's node, "not in any op" the wall time of the call minus the nodes;
 * each engine's `--top` costliest convs (summed over the calls with the same input and weight shapes).
 
 The profiled call runs slower than the medians (the profiler's own cost, mostly on the PyTorch side); compare
@@ -112,6 +116,51 @@ def profile_torch(network, images) -> tuple[dict[str, float], int, collections.C
     return {k: v / 1000 for k, v in times.items()}, count, other, convs
 
 
+_OV_KIND = {"MaxPool": "max-pool", "Interpolate": "upsample", "ReduceMean": "SE (mean, FCs, gate)",
+            "MatMul": "1x1 conv / GEMM", "FullyConnected": "1x1 conv / GEMM", "Eltwise": "add / activation",
+            "Subgraph": "add / activation",  # a JIT-fused chain of element-wise ops (sums, swish, SE gate)
+            "Reorder": "layout / cast / copy", "Transpose": "layout / cast / copy", "Reshape": "layout / cast / copy",
+            "Convert": "layout / cast / copy", "Concatenation": "layout / cast / copy"}
+
+
+def profile_openvino(model_file: Path, array, threads: int, precision: str
+                     ) -> tuple[dict[str, float], int, collections.Counter, collections.Counter]:
+    """One profiled call of the OpenVINO export (after a warm-up) -> (ms per kind, node count, ms per unclassed
+    node type, ms per conv shape)."""
+    import openvino as ov
+    core = ov.Core()
+    compiled = core.compile_model(core.read_model(str(model_file)), "CPU", {
+        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
+    request = compiled.create_infer_request()
+    for _ in range(3):
+        request.infer({0: array})
+    start = time.perf_counter()
+    request.infer({0: array})
+    wall = (time.perf_counter() - start) * 1000
+    shapes = {}  # compiled node name -> its input shapes (data, weight)
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        shapes[op.get_friendly_name()] = [[d.get_length() for d in op.input(i).get_partial_shape()]
+                                          for i in range(min(op.get_input_size(), 2))]
+    times, count, other, convs = collections.Counter(), 0, collections.Counter(), collections.Counter()
+    for node in request.get_profiling_info():
+        if node.status != node.Status.EXECUTED:
+            continue
+        ms = node.real_time.total_seconds() * 1000
+        if node.node_type in ("Convolution", "GroupConvolution"):
+            x, w = shapes[node.node_name]
+            # GroupConvolution weights are [groups, O/g, I/g, kh, kw]
+            kind = "depthwise conv" if node.node_type == "GroupConvolution" else conv_kind(w)
+            convs[f"{kind}: x{x} w{w}"] += ms
+        else:
+            kind = _OV_KIND.get(node.node_type, "other ops")
+            if node.node_type not in _OV_KIND:
+                other[node.node_type] += ms
+        times[kind] += ms
+        count += 1
+    times["not in any op"] = wall - sum(times.values())
+    return dict(times), count, other, convs
+
+
 def profile_ort(model_file: Path, array, threads: int, folder: str
                 ) -> tuple[dict[str, float], int, collections.Counter, collections.Counter]:
     """One profiled call of the ONNX export on ONNX Runtime (after a warm-up) -> (ms per kind, node count, ms per
@@ -153,29 +202,35 @@ def main() -> None:
     parser.add_argument("--variant", default="d0")
     parser.add_argument("--size", type=int, default=None, help="image side (default: the variant's)")
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fp32: against ONNX Runtime; bf16: against OpenVINO bf16")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=15)
     parser.add_argument("--top", type=int, default=8, help="list each engine's N costliest conv shapes")
     args = parser.parse_args()
 
+    from utils.allocator import reuse_freed_memory
+    reuse_freed_memory()  # ours as `-mode infer` runs it (freed memory kept for reuse; the engines pool their own)
     import torch
 
     from benchmarks.speed_worker import _name_size, _new_model, export_plain
-    from deploy.backends import OnnxRuntimeNetwork
+    from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork
     from deploy.sidecar import read_sidecar
     from model.inference import prepare_for_inference
     from model.cpu import describe
 
     torch.set_num_threads(args.threads)
-    spec = {"variant": args.variant, "size": args.size, "side": "ours", "seed": 0, "engine": "onnxruntime",
-            "batch": args.batch, "precision": "fp32"}
+    peer, engine, network = (("ONNX Runtime", "onnxruntime", OnnxRuntimeNetwork) if args.precision == "fp32"
+                             else ("OpenVINO", "openvino", OpenVinoNetwork))
+    spec = {"variant": args.variant, "size": args.size, "side": "ours", "seed": 0, "engine": engine,
+            "batch": args.batch, "precision": args.precision}
     name, size = _name_size(spec)
     images = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         export_plain(spec, tmp)
-        ort_net = OnnxRuntimeNetwork(Path(tmp), read_sidecar(tmp), threads=args.threads)
-        ours = prepare_for_inference(_new_model(spec).eval(), "fp32")
-        engines = {"PyTorch (fused)": ours, "ONNX Runtime": ort_net}
+        peer_net = network(Path(tmp), read_sidecar(tmp), args.precision, threads=args.threads)
+        ours = prepare_for_inference(_new_model(spec).eval(), args.precision)
+        engines = {"PyTorch (fused)": ours, peer: peer_net}
         seconds = collections.defaultdict(list)
         with torch.inference_mode():
             for _ in range(3):
@@ -187,11 +242,13 @@ def main() -> None:
                     t = time.perf_counter()
                     net(images)
                     seconds[label].append(time.perf_counter() - t)
+            model_file = Path(tmp) / peer_net.sidecar["file"]
             split = {"PyTorch (fused)": profile_torch(ours, images),
-                     "ONNX Runtime": profile_ort(Path(tmp) / ort_net.sidecar["file"], images.numpy(), args.threads, tmp)}
+                     peer: (profile_ort(model_file, images.numpy(), args.threads, tmp) if engine == "onnxruntime"
+                            else profile_openvino(model_file, images.numpy(), args.threads, args.precision))}
 
     print(describe())
-    print(f"{name}, {size} px, batch {args.batch}, fp32, {args.threads} threads, network only")
+    print(f"{name}, {size} px, batch {args.batch}, {args.precision}, {args.threads} threads, network only")
     labels = list(engines)
     print("| ms per image | " + " | ".join(labels) + " |")
     print("|---|" + "---|" * len(labels))
@@ -205,7 +262,7 @@ def main() -> None:
         other = ", ".join(f"{op} {ms / args.batch:.2f}" for op, ms in split[label][2].most_common(6))
         print(f"{label}, other ops (ms per image): {other or 'none'}")
     for label in labels:
-        print(f"\n{label}, costliest convs (all calls of one input and weight shape; ONNX Runtime's after its "
+        print(f"\n{label}, costliest convs (all calls of one input and weight shape; the engines' after their "
               f"layout changes), ms per image:")
         for conv, ms in split[label][3].most_common(args.top):
             print(f"  {ms / args.batch:6.2f}  {conv}")

@@ -50,7 +50,7 @@ def test_hard_nms_threshold_and_groups():
 @pytest.mark.parametrize("num_groups", [1, 7])
 def test_hard_nms_prefix_equals_full_greedy_loop(num_groups, monkeypatch):
     """`_hard_nms` (torchvision on a growing prefix) makes the same final choice as the vectorised loop over
-    all candidates: the 1500 best boxes pile up on 5 spots (so the first prefix of 1024 yields too few),
+    all candidates: the 1500 best boxes pile up on 5 spots (so the first prefixes, 256 and 1024, yield too few),
     duplicated scores, empty boxes. The candidates carry 7 classes either way: with one group (NMS across
     classes) each detection must still keep the class of its own candidate."""
     import torchvision
@@ -217,3 +217,14 @@ def test_infer_path_equals_candidates_then_selection(layout, method):
     assert int(dets.num_valid.min()) > 10
     for name in ("boxes", "scores", "classes", "num_valid"):
         assert torch.equal(getattr(dets, name), getattr(expected, name)), name
+
+
+@pytest.mark.parametrize("num_classes", [3, 17, 90, 91])
+def test_row_max_equals_amax(num_classes):
+    """The infer path's best logit per anchor (halves first, then ATen's reduction) is `amax`, bit for bit,
+    for even and odd class counts, and a NaN logit still makes its anchor NaN."""
+    rows = torch.randn(2, 500, num_classes, generator=torch.Generator().manual_seed(num_classes))
+    rows[1, 7, num_classes - 1] = float("nan")
+    ours, expected = nms_module._row_max(rows), rows.amax(-1)
+    assert torch.equal(ours.isnan(), expected.isnan()) and bool(ours[1, 7].isnan())
+    assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
