@@ -6,6 +6,7 @@ import torch
 
 from conftest import record_delta
 from model import AnchorGenerator, build_model, flatten_outputs
+from model.efficientdet import anchor_rows
 from model import postprocess as nms_module
 from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
 from parity.checks import ported_model
@@ -220,11 +221,16 @@ def test_infer_path_equals_candidates_then_selection(layout, method):
 
 
 @pytest.mark.parametrize("num_classes", [3, 17, 90, 91])
-def test_row_max_equals_amax(num_classes):
-    """The infer path's best logit per anchor (halves first, then ATen's reduction) is `amax`, bit for bit,
-    for even and odd class counts, and a NaN logit still makes its anchor NaN."""
-    rows = torch.randn(2, 500, num_classes, generator=torch.Generator().manual_seed(num_classes))
-    rows[1, 7, num_classes - 1] = float("nan")
-    ours, expected = nms_module._row_max(rows), rows.amax(-1)
-    assert torch.equal(ours.isnan(), expected.isnan()) and bool(ours[1, 7].isnan())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_best_logits_equal_amax(num_classes, layout):
+    """The infer path's best logit per anchor (halves first, then ATen's reduction, on the outputs' own
+    layout) is `amax` over the anchor rows, bit for bit, for even and odd class counts; a NaN logit still makes
+    its anchor NaN."""
+    out = torch.randn(2, 9 * num_classes, 5, 7, generator=torch.Generator().manual_seed(num_classes))
+    out[1, 3 * num_classes - 1, 2, 4] = float("nan")  # anchor 2 at (2, 4): row (2 * 7 + 4) * 9 + 2
+    if layout == "channels_last":
+        out = out.contiguous(memory_format=torch.channels_last)
+    ours = nms_module._best_logits(out, num_classes)
+    expected = anchor_rows(out, num_classes).amax(-1)
+    assert torch.equal(ours.isnan(), expected.isnan()) and bool(ours[1, (2 * 7 + 4) * 9 + 2].isnan())
     assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
