@@ -9,7 +9,8 @@ for `-` (efficientdet_d0 ... efficientdet_d7x, efficientdet_lite0 ...). Each ret
   (`model.class_names`, None if the file has none).
 * `pretrained=True`: the official COCO weights, `weights/<model>.pth` of this repository or of
   `$EFFICIENTDET_WEIGHTS_DIR` (ported from `<model>/` there if only the TF checkpoint is there).
-* neither: random initialisation with `num_classes` classes (default 90, COCO's label space).
+* neither: random initialisation with `num_classes` classes (default 90, COCO's label space). With weights the
+  file sets the classes: `num_classes` there is an error, not silently ignored.
 
 `predictor=True` (with `weights=` or `pretrained=True`) returns an `eval.predictor.Predictor` of those weights
 instead: images in, boxes out (`.predict("photo.jpg")`), as `-mode infer` detects them; further keywords are
@@ -20,14 +21,17 @@ dependencies = ["torch", "torchvision", "numpy", "PIL", "pycocotools"]
 
 
 def _entry_point(model_name: str):
-    def load(weights: str | None = None, pretrained: bool = False, num_classes: int = 90, predictor: bool = False,
-             **options):
+    def load(weights: str | None = None, pretrained: bool = False, num_classes: int | None = None,
+             predictor: bool = False, **options):
         from model import build_model
         from utils.pretrained import resolve_pretrained
         from utils.weights import detector_from_weights
 
         if weights is not None and pretrained:
             raise ValueError(f"{model_name}: give weights=PATH or pretrained=True, not both")
+        if num_classes is not None and (weights is not None or pretrained):
+            raise ValueError(f"{model_name}: num_classes={num_classes} is for random initialisation; the weights "
+                             f"set the classes (to train other classes, use main.py -mode train --weights)")
         if options and not predictor:
             raise TypeError(f"{model_name}: unexpected keyword(s) {', '.join(sorted(options))} (Predictor options: "
                             f"give them with predictor=True)")
@@ -39,7 +43,7 @@ def _entry_point(model_name: str):
                 raise ValueError(f"{model_name}: predictor=True needs weights=PATH or pretrained=True")
             return Predictor.from_weights(weights, model_name, **options)
         if weights is None:
-            model = build_model(model_name, num_classes=num_classes)
+            model = build_model(model_name, num_classes=90 if num_classes is None else num_classes)
             model.class_names = None
         else:
             model, info = detector_from_weights(weights, model_name, "weights=")

@@ -4,7 +4,9 @@
 
 Head outputs come from D0 on the reference photo with the reference fixture's weights when ../shared is there
 (realistic score distributions), else from a randomly initialised D0 (every anchor near the 0.01 prior: the
-worst case for soft-NMS, whose cost grows with the candidates above the 0.001 score threshold).
+worst case for soft-NMS, whose cost grows with the candidates above the 0.001 score threshold). Each in both
+memory layouts: NCHW, as the plain model and the engines (ONNX Runtime, OpenVINO) return them, and
+channels_last, as the fused inference module does.
 
 Its table lives in docs/speed.md (Post-processing).
 """
@@ -55,20 +57,24 @@ def main() -> None:
     anchors = AnchorGenerator.from_config(build_model("efficientdet-d0").config)((512, 512))
     sources = ["fixture", "random"] if (FIXTURE / "model.index").is_file() else ["random"]
     print(f"torch {torch.__version__}, {args.threads} threads, {describe()}\n")
-    print(f"| weights | batch | path | NMS | ms / image (median of {args.runs}) |")
-    print("|---|---|---|---|---|")
+    print(f"| weights | batch | path | NMS | NCHW ms / image | channels_last ms / image |  (median of {args.runs})")
+    print("|---|---|---|---|---|---|")
     for source in sources:
         for batch in (1, 8):
-            outs = head_outputs(batch, source)
+            nchw = head_outputs(batch, source)
+            layouts = (nchw, tuple([t.contiguous(memory_format=torch.channels_last) for t in outs] for outs in nchw))
             scales = torch.ones(batch)
             for mode, method in (("eval", "soft"), ("eval", "hard"), ("infer", "soft"), ("infer", "hard")):
-                postprocess(*outs, anchors, scales, (512, 512), mode, method)  # warm-up
-                times = []
-                for _ in range(args.runs):
-                    start = time.perf_counter()
-                    postprocess(*outs, anchors, scales, (512, 512), mode, method)
-                    times.append((time.perf_counter() - start) / batch * 1000)
-                print(f"| {source} | {batch} | {mode} | {method} | {statistics.median(times):.1f} |")
+                medians = []
+                for outs in layouts:
+                    postprocess(*outs, anchors, scales, (512, 512), mode, method)  # warm-up
+                    times = []
+                    for _ in range(args.runs):
+                        start = time.perf_counter()
+                        postprocess(*outs, anchors, scales, (512, 512), mode, method)
+                        times.append((time.perf_counter() - start) / batch * 1000)
+                    medians.append(statistics.median(times))
+                print(f"| {source} | {batch} | {mode} | {method} | {medians[0]:.1f} | {medians[1]:.1f} |")
 
 
 if __name__ == "__main__":

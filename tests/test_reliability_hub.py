@@ -53,3 +53,17 @@ def test_hub_load_from_another_working_directory(tmp_path):
                                             f"found")
     loaded = torch.load(elsewhere / "loaded.pth", weights_only=True)
     assert all(torch.equal(loaded[k], v) for k, v in trained.state_dict().items())
+
+
+def test_num_classes_with_weights_is_an_error(tmp_path):
+    """The weights set the classes: `num_classes` beside them is a one-line error before any file is read
+    (it was silently ignored)."""
+    import pytest
+
+    import hubconf
+    for source in ({"weights": str(tmp_path / "absent.pth")}, {"pretrained": True},
+                   {"weights": str(tmp_path / "absent.pth"), "predictor": True}):
+        with pytest.raises(ValueError, match="efficientdet-d0: num_classes=3 is for random initialisation; the "
+                                             "weights set the classes"):
+            hubconf.efficientdet_d0(num_classes=3, **source)
+    assert hubconf.efficientdet_d0(num_classes=3).class_net.predict.conv_pw.bias.numel() == 3 * 9
