@@ -234,3 +234,18 @@ def test_best_logits_equal_amax(num_classes, layout):
     expected = anchor_rows(out, num_classes).amax(-1)
     assert torch.equal(ours.isnan(), expected.isnan()) and bool(ours[1, (2 * 7 + 4) * 9 + 2].isnan())
     assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_top_pairs_by_level_equal_top_pairs_of_the_anchor_rows(layout):
+    """The evaluation path's top pairs, gathered level by level in the outputs' own layout, are the top-k of
+    the concatenated anchor rows: same values, same `anchor * C + class` indices, ties (many here) included."""
+    g = torch.Generator().manual_seed(5)
+    outs = [(torch.randn(2, 9 * 6, s, s + 1, generator=g) * 4).round() / 4 for s in (16, 8, 4, 2, 1)]
+    if layout == "channels_last":
+        outs = [o.contiguous(memory_format=torch.channels_last) for o in outs]
+    logits = torch.cat([anchor_rows(o, 6) for o in outs], 1)
+    values, flat = nms_module._top_pairs_by_level(outs, 6, 300)
+    expected_values, expected_flat = nms_module._top_pairs(logits, 300)
+    assert torch.equal(values, expected_values) and torch.equal(flat, expected_flat)
+    assert nms_module._top_pairs_by_level(outs, 6, logits.shape[1] + 1) is None  # more pairs than anchors
