@@ -20,7 +20,8 @@ from torch import nn
 
 from model import AnchorGenerator, BoxCoder, EfficientDet
 from model.efficientdet import flatten_outputs
-from model.postprocess import HARD_NMS_IOU, MAX_DETECTIONS, _select
+from model.nms import HARD_NMS_IOU
+from model.postprocess import MAX_DETECTIONS, _select
 
 OUTPUT_NAMES = ("boxes", "scores", "classes", "num_valid")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from model import BoxCoder, flatten_outputs
-from model.postprocess import HARD_NMS_IOU, MAX_DETECTIONS, _select, pairwise_iou
+from model.nms import HARD_NMS_IOU, pairwise_iou
+from model.postprocess import MAX_DETECTIONS, _select
 
 UNIT_ROUNDOFF = {"fp32": 2.0 ** -24, "bf16": 2.0 ** -8, "fp16": 2.0 ** -11}
 # (class logits, box outputs) in units of u: ~3.5x the measured 1.2 u / 9.2 u (module docstring)

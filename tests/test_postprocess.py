@@ -7,8 +7,10 @@ import torch
 from conftest import record_delta
 from model import AnchorGenerator, build_model, flatten_outputs
 from model.efficientdet import anchor_rows
-from model import postprocess as nms_module
-from model.postprocess import eval_candidates, infer_candidates, nms, postprocess, select_detections
+from model import postprocess as post
+from model import nms as nms_impl
+from model.nms import nms
+from model.postprocess import eval_candidates, infer_candidates, postprocess, select_detections
 from parity.checks import ported_model
 
 BOX_TOL, SCORE_TOL = 0.1, 1e-4  # px, score (issue 4)
@@ -70,8 +72,8 @@ def test_hard_nms_prefix_equals_full_greedy_loop(num_groups, monkeypatch):
     monkeypatch.setattr(torchvision.ops, "nms", lambda *a: calls.append(len(a[0])) or torchvision.ops.boxes.nms(*a))
     fast = select_detections(boxes, scores, classes, torch.ones(n), per_class=num_groups > 1, method="hard")
     assert len(calls) > n and max(calls) > 1500  # the prefix had to grow
-    full = nms_module._greedy_nms(boxes, scores, groups, num_groups, 100, "hard", 0.5, 0.001, 0.5)
-    loop = nms_module._top_selected(*full, groups, 100, 100)
+    full = nms_impl._greedy_nms(boxes, scores, groups, num_groups, 100, "hard", 0.5, 0.001, 0.5)
+    loop = nms_impl.top_selected(*full, groups, 100, 100)
     assert torch.equal(fast.boxes, boxes.gather(1, loop[0][..., None].expand(n, 100, 4)))
     assert fast.classes.unique().numel() == 7  # detections of every class: a wrong pick would show
     assert torch.equal(fast.classes, classes.gather(1, loop[0]))
@@ -230,7 +232,7 @@ def test_best_logits_equal_amax(num_classes, layout):
     out[1, 3 * num_classes - 1, 2, 4] = float("nan")  # anchor 2 at (2, 4): row (2 * 7 + 4) * 9 + 2
     if layout == "channels_last":
         out = out.contiguous(memory_format=torch.channels_last)
-    ours = nms_module._best_logits(out, num_classes)
+    ours = post._best_logits(out, num_classes)
     expected = anchor_rows(out, num_classes).amax(-1)
     assert torch.equal(ours.isnan(), expected.isnan()) and bool(ours[1, (2 * 7 + 4) * 9 + 2].isnan())
     assert torch.equal(ours.nan_to_num(), expected.nan_to_num())
@@ -245,7 +247,7 @@ def test_top_pairs_by_level_equal_top_pairs_of_the_anchor_rows(layout):
     if layout == "channels_last":
         outs = [o.contiguous(memory_format=torch.channels_last) for o in outs]
     logits = torch.cat([anchor_rows(o, 6) for o in outs], 1)
-    values, flat = nms_module._top_pairs_by_level(outs, 6, 300)
-    expected_values, expected_flat = nms_module._top_pairs(logits, 300)
+    values, flat = post._top_pairs_by_level(outs, 6, 300)
+    expected_values, expected_flat = post._top_pairs(logits, 300)
     assert torch.equal(values, expected_values) and torch.equal(flat, expected_flat)
-    assert nms_module._top_pairs_by_level(outs, 6, logits.shape[1] + 1) is None  # more pairs than anchors
+    assert post._top_pairs_by_level(outs, 6, logits.shape[1] + 1) is None  # more pairs than anchors
