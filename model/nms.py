@@ -28,7 +28,7 @@ def pairwise_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_groups: int, max_per_group: int,
         method: str = "soft", sigma: float = SOFT_NMS_SIGMA, score_threshold: float = SOFT_NMS_SCORE_THRESHOLD,
-        iou_threshold: float = HARD_NMS_IOU) -> tuple[torch.Tensor, torch.Tensor]:
+        iou_threshold: float = HARD_NMS_IOU, best_of: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Greedy NMS run independently in every (image, group), all groups at once, stopping after
     `max_per_group` selections per group (so 100 iterations at most, however many boxes there are).
 
@@ -38,25 +38,53 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_gro
     boxes `[N, K, 4]`, scores `[N, K]`, groups `[N, K]` int64 in [0, num_groups) (all zeros for
     class-agnostic NMS). Returns `selected_scores [N, K]` (score at selection, 0 if not selected) and
     `rank [N, K]` (iteration at which it was selected; `max_per_group` if not selected).
+
+    best_of (soft-NMS): only the `best_of` best selections of each image (over all groups) are wanted, as
+    the evaluation path keeps its top 100. Scores only decay, so every later selection scores at most the
+    best current score; once that is below the `best_of`-th best selection of every image, no later selection
+    can enter (or reorder) the best `best_of`, and the loop stops there: the same best `best_of`, with fewer
+    selections after them. Exact, and most of the loop on a trained model's outputs.
     """
     if method not in ("soft", "hard"):
         raise ValueError(f"nms method {method!r}: expected 'soft' or 'hard'")
     if method == "hard":
         return _hard_nms(boxes, scores, groups, max_per_group, iou_threshold)
     if method == "soft":
-        survivors = scores > score_threshold
-        count = int(survivors.sum(1).max()) if scores.numel() else 0
-        if count < scores.shape[1]:
-            # Boxes at or below the threshold are never selected: run on the others only (a trained model
-            # leaves few), kept in their original order so that ties still go to the lowest index.
-            idx = torch.where(survivors, scores, -torch.inf).topk(count, dim=1).indices.sort(1).values
-            sel, rk = _greedy_nms(boxes.gather(1, idx[..., None].expand(*idx.shape, 4)), scores.gather(1, idx),
-                                  groups.gather(1, idx), num_groups, max_per_group, method, sigma, score_threshold,
-                                  iou_threshold)
-            selected = torch.zeros_like(scores).scatter_(1, idx, sel)
-            return selected, torch.full_like(groups, max_per_group).scatter_(1, idx, rk)
+        return _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, score_threshold, best_of)
     return _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold,
-                       iou_threshold)
+                       iou_threshold, best_of)
+
+
+def _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, score_threshold, best_of,
+                      prefix: int = 1024):
+    """Soft-NMS with `nms`'s contract on the candidates that can matter, kept in their original order (ties
+    still go to the lowest index): those above the score threshold (the others are never selected; a trained
+    model leaves few) and, with one group (the image path: 49,104 candidates per D0 image), only the best
+    `prefix` of those first. Scores only decay and only selected boxes decay others, so a candidate outside the
+    prefix scores at most its initial score all along: once the prefix yields `max_per_group` selections, all
+    scoring above the best score left outside, no outside box can be selected before them and the result is
+    exact; otherwise it runs on all of them (at most one wasted prefix run: with crowded equal scores, e.g.
+    a fresh model's, no prefix can prove itself)."""
+    n, k = scores.shape
+    masked = torch.where(scores > score_threshold, scores, -torch.inf)
+    count = int((masked > -torch.inf).sum(1).max()) if scores.numel() else 0
+    m = min(count, prefix) if num_groups == 1 else count
+    while True:
+        top = masked.topk(min(m + 1, k), dim=1)
+        idx = top.indices[:, :m].sort(1).values
+        sel, rank = _greedy_nms(boxes.gather(1, idx[..., None].expand(*idx.shape, 4)), scores.gather(1, idx),
+                                groups.gather(1, idx), num_groups, max_per_group, "soft", sigma, score_threshold,
+                                HARD_NMS_IOU, best_of)
+        if m >= count:
+            break
+        outside = top.values[:, m]  # the best score left out (-inf: none above the threshold)
+        chosen = rank < max_per_group
+        lowest = torch.where(chosen, sel, torch.inf).amin(1)
+        if bool(((outside == -torch.inf) | ((chosen.sum(1) >= max_per_group) & (lowest > outside))).all()):
+            break
+        m = count
+    return (torch.zeros_like(scores).scatter_(1, idx, sel),
+            torch.full_like(groups, max_per_group).scatter_(1, idx, rank))
 
 
 def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int = 256):
@@ -108,9 +136,10 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
     return selected_scores, rank
 
 
-def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold, iou_threshold):
+def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold, iou_threshold,
+                best_of: int | None = None):
     """The loop of `nms`, on all the candidates it is given (soft-NMS; for hard NMS, the vectorised
-    reference that `_hard_nms` is tested against)."""
+    reference that `_hard_nms` is tested against); `best_of`: see `nms`."""
     n, k = scores.shape
     active = scores > score_threshold if method == "soft" else torch.ones_like(scores, dtype=torch.bool)
     current = torch.where(active, scores, -torch.inf)
@@ -121,6 +150,10 @@ def _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma,
     for it in range(max_per_group):
         if not active.any():
             break
+        if best_of is not None and it % 4 == 3 and best_of <= k:  # every 4 steps: a top-k is not free
+            kth_best = selected_scores.topk(best_of, dim=1).values[:, -1]  # 0 while fewer are selected
+            if bool((current.amax(1) < kth_best).all()):
+                break
         # The best remaining box of each group; ties go to the lowest index, like TF's priority queue.
         if num_groups == 1:
             pick = current.argmax(1, keepdim=True)  # argmax returns the first maximal index

@@ -67,7 +67,8 @@ def _pair_candidates(top_logits: torch.Tensor, flat: torch.Tensor, num_classes: 
 
 
 def _top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`topk(k)` of `logits [N, A, C]` flattened to `[N, A * C]`, without sorting all A * C values.
+    """The top k of `logits [N, A, C]` flattened to `[N, A * C]` (values, flat indices), ordered as TF's
+    `top_k` (`_top_k`), without sorting all A * C values.
 
     The k-th best of the per-anchor maxima is a lower bound of the k-th best pair (those k anchors each have a
     pair at least that high), so only the pairs at or above it can be in the top k: a few thousand of the
@@ -75,23 +76,37 @@ def _top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """
     n, num_anchors, _ = logits.shape
     flat = logits.reshape(n, -1)
-    if k > num_anchors:
-        return flat.topk(k, dim=1)
-    bound = _max_over(logits, 2).topk(k, dim=1).values[:, -1:]  # [N, 1]
+    bound = (_max_over(logits, 2).topk(k, dim=1).values[:, -1] if k <= num_anchors
+             else torch.full((n,), -torch.inf, device=logits.device))
     values, indices = [], []
     for row, b in zip(flat, bound):
         candidates = (row >= b).nonzero().squeeze(1)
-        top = row[candidates].topk(k)
-        values.append(top.values)
-        indices.append(candidates[top.indices])
+        top = _top_k(row[candidates], candidates, k)
+        values.append(top[0])
+        indices.append(top[1])
     return torch.stack(values), torch.stack(indices)
+
+
+def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of `values` (1-D) with their `index`, in any input order, ordered as TF's `top_k` orders
+    equal values: by value (descending), then index (ascending); equal values at the k-th place are taken
+    lowest index first. Top-ks over all of them, then two stable sorts of the k kept."""
+    kth = values.topk(k).values[-1]
+    above = (values > kth).nonzero().squeeze(1)
+    tied = (values == kth).nonzero().squeeze(1)
+    tied = tied[index[tied].topk(k - above.numel(), largest=False).indices]  # the lowest indices among ties
+    keep = torch.cat([above, tied])
+    v, i = values[keep], index[keep]
+    order = i.argsort()
+    order = order[v[order].argsort(descending=True, stable=True)]
+    return v[order], i[order]
 
 
 def _top_pairs_by_level(cls_outs: list[torch.Tensor], num_classes: int, k: int
                         ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """`_top_pairs` of the per-level class outputs without concatenating them into anchor rows (a 4.4 M-value
     copy per D0 image, ~6 ms from NCHW outputs): the same bound, the pairs at or above it gathered level by
-    level in the outputs' own layout, put in anchor-row order, then the same top-k. None if k > the anchors."""
+    level in the outputs' own layout, then the same top-k. None if k > the anchors."""
     best = torch.cat([_best_logits(c, num_classes) for c in cls_outs], 1)  # [N, anchors]
     if k > best.shape[1]:
         return None
@@ -104,18 +119,16 @@ def _top_pairs_by_level(cls_outs: list[torch.Tensor], num_classes: int, k: int
             level_values.append(v)
             level_flat.append(flat + start * num_classes)
             start += output[i].numel() // num_classes  # the level's anchors
-        flat = torch.cat(level_flat)
-        order = flat.argsort()  # ascending anchor-row index, as `_top_pairs` sees its candidates
-        top = torch.cat(level_values)[order].topk(k)
-        values.append(top.values)
-        indices.append(flat[order][top.indices])
+        top = _top_k(torch.cat(level_values), torch.cat(level_flat), k)
+        values.append(top[0])
+        indices.append(top[1])
     return torch.stack(values), torch.stack(indices)
 
 
 def _pairs_at_least(output: torch.Tensor, num_classes: int, bound: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """The logits >= `bound` of one image's level `[A * C, H, W]` and their indices `row * C + class` over
-    its anchor rows (y -> x -> anchor), found in the memory layout's own order (not sorted)."""
+    its anchor rows (y -> x -> anchor), in the memory layout's own order."""
     if output.is_contiguous():  # NCHW: [A, C, H*W]
         grid = output.reshape(-1, num_classes, output.shape[1] * output.shape[2])
         anchor, cls, pixel = (grid >= bound).nonzero(as_tuple=True)
@@ -139,7 +152,7 @@ def select_detections(boxes: torch.Tensor, scores: torch.Tensor, classes: torch.
 
 def _select(boxes, scores, groups, num_groups, method, max_detections):
     """NMS, then the best rows: indices `[N, D]` into the candidates, validity `[N, D]`, their NMS scores."""
-    selected, rank = nms(boxes, scores, groups, num_groups, max_detections, method)
+    selected, rank = nms(boxes, scores, groups, num_groups, max_detections, method, best_of=max_detections)
     idx, valid = top_selected(selected, rank, groups, max_detections, max_detections)
     return idx, valid, selected.gather(1, idx)
 

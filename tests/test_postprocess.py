@@ -251,3 +251,60 @@ def test_top_pairs_by_level_equal_top_pairs_of_the_anchor_rows(layout):
     expected_values, expected_flat = post._top_pairs(logits, 300)
     assert torch.equal(values, expected_values) and torch.equal(flat, expected_flat)
     assert post._top_pairs_by_level(outs, 6, logits.shape[1] + 1) is None  # more pairs than anchors
+
+
+@pytest.mark.parametrize("spread", ["ties", "trained-like"])
+def test_soft_nms_stops_once_the_best_100_are_settled(spread):
+    """`best_of=100` (what both paths keep) ends the soft-NMS loop early and gives the same best 100, order and
+    ties included: scores rounded to 1/50 (many exact ties across groups) or spread as a trained model's."""
+    g = torch.Generator().manual_seed(11)
+    n, k, groups_count = 2, 3000, 7
+    centre = torch.rand(n, k, 2, generator=g) * 400
+    boxes = torch.cat([centre - 10, centre + 10], -1)
+    scores = torch.rand(n, k, generator=g)
+    scores = (scores * 50).round() / 50 if spread == "ties" else scores ** 8
+    groups = torch.randint(0, groups_count, (n, k), generator=g)
+    full = nms(boxes, scores, groups, groups_count, 100, "soft")
+    early = nms(boxes, scores, groups, groups_count, 100, "soft", best_of=100)
+    assert int((early[1] < 100).sum()) < int((full[1] < 100).sum())  # it did stop early
+    for a, b in zip(nms_impl.top_selected(*full, groups, 100, 100), nms_impl.top_selected(*early, groups, 100, 100)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("crowded", [False, True], ids=["prefix-enough", "prefix-grows"])
+def test_single_group_soft_nms_on_a_prefix_equals_the_full_loop(crowded, monkeypatch):
+    """The image path's soft-NMS runs on the best 1024 candidates first: the same 100 selections as the loop over
+    all 6000, in order, with exact score ties; when the best 1500 crowd on 5 spots (decaying each other below
+    the boxes left out), the prefix has to grow and still gives the loop's answer."""
+    g = torch.Generator().manual_seed(13)
+    n, k = 2, 6000
+    centre = torch.rand(n, k, 2, generator=g) * 600
+    if crowded:
+        centre[:, :1500] = torch.rand(n, 5, 2, generator=g).repeat_interleave(300, 1) * 600 + torch.rand(n, 1500, 2)
+    boxes = torch.cat([centre - 15, centre + 15], -1)
+    scores = (torch.rand(n, k, generator=g) * 200).round() / 200
+    if crowded:  # the best 1500 (all of the first prefix) crowd on 5 spots: 5 selections, then decayed to ~0.16
+        scores[:, :1500] = scores[:, :1500] * 0.01 + 0.99
+        scores[:, 1500:] *= 0.9
+    groups = torch.zeros(n, k, dtype=torch.long)
+    sizes = []
+    greedy = nms_impl._greedy_nms
+    monkeypatch.setattr(nms_impl, "_greedy_nms", lambda b, *a: sizes.append(b.shape[1]) or greedy(b, *a))
+    fast = nms(boxes, scores, groups, 1, 100, "soft")
+    full = greedy(boxes, scores, groups, 1, 100, "soft", 0.5, 0.001, 0.5)
+    assert (max(sizes) > 1024) == crowded and min(sizes) == 1024
+    for a, b in zip(nms_impl.top_selected(*fast, groups, 100, 100), nms_impl.top_selected(*full, groups, 100, 100)):
+        assert torch.equal(a, b)
+    assert torch.equal(fast[0] > 0, full[0] > 0)  # the very same 100 boxes selected, nothing else
+
+
+def test_top_k_orders_ties_as_tf_top_k():
+    """Equal values come lowest index first, also at the k-th place, whatever order the candidates arrive in
+    (reference: a stable sort of all of them by value after sorting by index)."""
+    g = torch.Generator().manual_seed(17)
+    index = torch.randperm(5000, generator=g)
+    values = torch.randint(0, 40, (5000,), generator=g).float()
+    ours = post._top_k(values, index, 777)
+    by_index = index.argsort()
+    ref = by_index[values[by_index].argsort(descending=True, stable=True)][:777]
+    assert torch.equal(ours[1], index[ref]) and torch.equal(ours[0], values[ref])
