@@ -8,7 +8,7 @@ worst case for soft-NMS, whose cost grows with the candidates above the 0.001 sc
 memory layouts: NCHW, as the plain model and the engines (ONNX Runtime, OpenVINO) return them, and
 channels_last, as the fused inference module does.
 
-Its table lives in docs/speed.md (Post-processing).
+Its table lives in docs/postprocessing.md.
 """
 from __future__ import annotations
 

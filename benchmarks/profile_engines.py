@@ -128,9 +128,11 @@ def profile_openvino(model_file: Path, array, threads: int, precision: str
     """One profiled call of the OpenVINO export (after a warm-up) -> (ms per kind, node count, ms per unclassed
     node type, ms per conv shape)."""
     import openvino as ov
+
+    from deploy.backends import OV_PRECISION
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(model_file)), "CPU", {
-        "INFERENCE_PRECISION_HINT": precision, "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
+    compiled = core.compile_model(core.read_model(str(model_file)), "CPU", {  # as OpenVinoNetwork, counters on
+        "INFERENCE_PRECISION_HINT": OV_PRECISION[precision], "INFERENCE_NUM_THREADS": threads, "PERF_COUNT": True})
     request = compiled.create_infer_request()
     for _ in range(3):
         request.infer({0: array})

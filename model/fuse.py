@@ -64,8 +64,9 @@ class FrozenConv(nn.Module):
     at the top/left by `e` = (after - before) of a side divisible by the stride, so no padded copy of the
     input is made. A side of length n is then padded by `before(n) + e` on both ends: the extended window
     starts at `-before(n) - e` and its first `e` rows are zero, so it reads TF's window from `-before(n)`;
-    the count of windows is TF's `ceil(n / s)` (stride 2: `e` = 1; n even: `before` = (k - 2) / 2, odd:
-    (k - 1) / 2), and what hangs over the end is padding TF has too.
+    the count of windows is TF's `ceil(n / s)` (odd k, stride 2: `e` = 1 for k > 1; n even: `before` =
+    (k - 2) / 2, odd: (k - 1) / 2), and what hangs over the end is padding TF has too. Odd kernels and
+    strides 1 and 2 only (all EfficientDet has).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, groups: int,
@@ -89,6 +90,8 @@ class FrozenConv(nn.Module):
         w, b = fold_bn(conv.weight, conv.bias, bn, scale, input_bias)
         asym = isinstance(conv, Conv2dSame) and conv.asym_pad is not None
         pad = conv.asym_pad[2:] if asym else (conv.padding[0],) * 2
+        if conv.kernel_size[0] % 2 == 0 or conv.stride[0] > 2:
+            raise ValueError(f"{conv}: expected an odd kernel and stride 1 or 2 (the padding rule of FrozenConv)")
         if not asym and (conv.stride[0] != 1 or pad != same_padding(conv.kernel_size[0], 1)):
             raise ValueError(f"{conv}: expected TF 'SAME' padding (a Conv2dSame, or a stride-1 conv padded by "
                              f"(k - 1) / 2)")

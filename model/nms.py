@@ -48,11 +48,8 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, groups: torch.Tensor, num_gro
     if method not in ("soft", "hard"):
         raise ValueError(f"nms method {method!r}: expected 'soft' or 'hard'")
     if method == "hard":
-        return _hard_nms(boxes, scores, groups, max_per_group, iou_threshold)
-    if method == "soft":
-        return _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, score_threshold, best_of)
-    return _greedy_nms(boxes, scores, groups, num_groups, max_per_group, method, sigma, score_threshold,
-                       iou_threshold, best_of)
+        return _hard_nms(boxes, scores, groups, num_groups, max_per_group, iou_threshold)
+    return _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, score_threshold, best_of)
 
 
 def _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, score_threshold, best_of,
@@ -74,7 +71,7 @@ def _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, s
         idx = top.indices[:, :m].sort(1).values
         sel, rank = _greedy_nms(boxes.gather(1, idx[..., None].expand(*idx.shape, 4)), scores.gather(1, idx),
                                 groups.gather(1, idx), num_groups, max_per_group, "soft", sigma, score_threshold,
-                                HARD_NMS_IOU, best_of)
+                                None, best_of)
         if m >= count:
             break
         outside = top.values[:, m]  # the best score left out (-inf: none above the threshold)
@@ -87,13 +84,15 @@ def _soft_nms_on_best(boxes, scores, groups, num_groups, max_per_group, sigma, s
             torch.full_like(groups, max_per_group).scatter_(1, idx, rank))
 
 
-def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int = 256):
+def _hard_nms(boxes, scores, groups, num_groups, max_per_group, iou_threshold, prefix: int = 256):
     """Hard NMS with `nms`'s contract, through torchvision's C++ greedy loop on a prefix of the candidates.
 
     Greedy NMS decides each box from the boxes before it in score order only, so on the `m` best candidates
     it makes exactly the decisions it makes on all of them. Once that prefix yields `max_per_group` selections
     (class-agnostic) or `max_per_group` in total (per group: the rows `top_selected` keeps are then all
-    among them), later candidates cannot matter; otherwise the prefix grows 4x. The infer path has one
+    among them, provided no candidate left out ties the prefix's last score, so with several groups the prefix
+    is never cut inside a run of equal scores: a tied box of a lower group would come first), later
+    candidates cannot matter; otherwise the prefix grows 4x. The infer path has one
     candidate per anchor (D0 512: 49,104), so this is what makes it cheap. The loop costs ~(selections x
     prefix) IoUs: the first prefix is 256, which on a COCO photo (the D0 fixture's) already yields 137 boxes
     (0.2 ms; 1,024 candidates: 1.6 ms); images with few objects need a longer one (a shapes-trained D0: 11-45
@@ -114,14 +113,15 @@ def _hard_nms(boxes, scores, groups, max_per_group, iou_threshold, prefix: int =
         m = min(prefix, k)
         while True:
             # The first m in TF's order (descending score, ties by index): every candidate at or above the
-            # m-th best score, in index order, stably sorted by score, then cut at m.
+            # m-th best score, in index order, stably sorted by score, then cut at m (one group; with several,
+            # all of those tied with the m-th are kept).
             cand = (scores[i] >= scores[i].topk(m, sorted=False).values.min()).nonzero().squeeze(1)
-            cand = cand[scores[i, cand].argsort(descending=True, stable=True)[:m]]
+            cand = cand[scores[i, cand].argsort(descending=True, stable=True)[:m if num_groups == 1 else None]]
             ranks = torch.arange(len(cand), 0, -1, dtype=torch.float64, device=scores.device)
             # float64: the shifts must not cost IoU precision; only the candidates' boxes are shifted
             shifted = boxes[i, cand].double() + groups[i, cand, None].double() * span
             keep = cand[torchvision.ops.nms(shifted, ranks, iou_threshold)]
-            if m >= k or keep.numel() >= max_per_group:
+            if len(cand) >= k or keep.numel() >= max_per_group:
                 break
             m = min(4 * m, k)
         # Rank within the group: position among the group's selections (a stable sort keeps their order).

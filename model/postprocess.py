@@ -76,11 +76,11 @@ def _top_pairs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
     """
     n, num_anchors, _ = logits.shape
     flat = logits.reshape(n, -1)
-    bound = (_max_over(logits, 2).topk(k, dim=1).values[:, -1] if k <= num_anchors
-             else torch.full((n,), -torch.inf, device=logits.device))
+    bound = _max_over(logits, 2).topk(k, dim=1).values[:, -1] if k <= num_anchors else None
     values, indices = [], []
-    for row, b in zip(flat, bound):
-        candidates = (row >= b).nonzero().squeeze(1)
+    for i, row in enumerate(flat):
+        candidates = (torch.arange(row.numel(), device=row.device) if bound is None
+                      else (row >= bound[i]).nonzero().squeeze(1))
         top = _top_k(row[candidates], candidates, k)
         values.append(top[0])
         indices.append(top[1])
@@ -91,6 +91,9 @@ def _top_k(values: torch.Tensor, index: torch.Tensor, k: int) -> tuple[torch.Ten
     """The k best of `values` (1-D) with their `index`, in any input order, ordered as TF's `top_k` orders
     equal values: by value (descending), then index (ascending); equal values at the k-th place are taken
     lowest index first. Top-ks over all of them, then two stable sorts of the k kept."""
+    if bool(values.isnan().any()):  # NaN logits (a diverged model) have no order: torch's top-k, as before
+        top = values.topk(k)
+        return top.values, index[top.indices]
     kth = values.topk(k).values[-1]
     above = (values > kth).nonzero().squeeze(1)
     tied = (values == kth).nonzero().squeeze(1)

@@ -240,16 +240,19 @@ def test_best_logits_equal_amax(num_classes, layout):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_top_pairs_by_level_equal_top_pairs_of_the_anchor_rows(layout):
-    """The evaluation path's top pairs, gathered level by level in the outputs' own layout, are the top-k of
-    the concatenated anchor rows: same values, same `anchor * C + class` indices, ties (many here) included."""
+    """The evaluation path's top pairs, gathered level by level in the outputs' own layout, are the best pairs
+    of the concatenated anchor rows in TF's `top_k` order (value, then the lower `anchor * C + class` index
+    first), ties (many here) included."""
     g = torch.Generator().manual_seed(5)
     outs = [(torch.randn(2, 9 * 6, s, s + 1, generator=g) * 4).round() / 4 for s in (16, 8, 4, 2, 1)]
     if layout == "channels_last":
         outs = [o.contiguous(memory_format=torch.channels_last) for o in outs]
     logits = torch.cat([anchor_rows(o, 6) for o in outs], 1)
     values, flat = post._top_pairs_by_level(outs, 6, 300)
-    expected_values, expected_flat = post._top_pairs(logits, 300)
-    assert torch.equal(values, expected_values) and torch.equal(flat, expected_flat)
+    pairs = logits.reshape(2, -1)  # reference: all pairs stably sorted by value (ties: lower index first)
+    order = pairs.argsort(dim=1, descending=True, stable=True)[:, :300]
+    assert torch.equal(values, pairs.gather(1, order)) and torch.equal(flat, order)
+    assert torch.equal(post._top_pairs(logits, 300)[1], flat)  # the flattened path agrees
     assert post._top_pairs_by_level(outs, 6, logits.shape[1] + 1) is None  # more pairs than anchors
 
 
@@ -308,3 +311,23 @@ def test_top_k_orders_ties_as_tf_top_k():
     by_index = index.argsort()
     ref = by_index[values[by_index].argsort(descending=True, stable=True)][:777]
     assert torch.equal(ours[1], index[ref]) and torch.equal(ours[0], values[ref])
+
+
+def test_per_class_hard_nms_prefix_is_not_cut_inside_a_tie():
+    """With several groups a candidate left out of the prefix that ties its last score can still come first (a
+    lower group wins the tie in `top_selected`): the prefix keeps the whole run of equal scores."""
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [20, 20, 30, 30], [40, 40, 50, 50]]])
+    scores = torch.tensor([[0.9, 0.5, 0.5]])
+    groups = torch.tensor([[1, 1, 0]])
+    fast = nms_impl._hard_nms(boxes, scores, groups, 2, 2, 0.5, prefix=2)
+    full = nms_impl._greedy_nms(boxes, scores, groups, 2, 2, "hard", 0.5, 0.001, 0.5)
+    assert torch.equal(nms_impl.top_selected(*fast, groups, 2, 2)[0], nms_impl.top_selected(*full, groups, 2, 2)[0])
+    assert nms_impl.top_selected(*fast, groups, 2, 2)[0].tolist() == [[0, 2]]
+
+
+def test_top_pairs_of_tiny_inputs_with_nan_logits_do_not_fail():
+    """More pairs wanted than anchors (tiny inputs) and a NaN logit: k rows come back, as torch's top-k gives."""
+    logits = torch.randn(1, 20, 3, generator=torch.Generator().manual_seed(3))
+    logits[0, 4, 1] = float("nan")
+    values, flat = post._top_pairs(logits, 50)
+    assert values.shape == flat.shape == (1, 50) and int(flat.unique().numel()) == 50

@@ -306,7 +306,7 @@ def test_fused_lite_equals_plain(name):
     ("efficientdet-lite0", 320, 320),  # lite0's official size: P6 5x5, P7 3x3 (P7 -> P6 takes rows 0, 0, 1, 1, 2)
     ("efficientdet-d0", 100, 130),  # odd sides from P3 (13x17) up: asymmetric TF padding differs per side
     ("efficientdet-d0", 97, 133),  # odd from the stem on: every strided conv reads an odd side
-    ("efficientdet-d0", 65, 65),  # P7 1x1: the pool leaves a 1x1 map as it is
+    ("efficientdet-d0", 65, 65),  # odd sides, P6 2x2 pooled to a 1x1 P7
 ])
 def test_fused_runs_every_size_the_official_network_accepts(name, height, width, monkeypatch):
     """Not only exact 2x pyramids: the strided convs read TF's 'SAME' windows of odd sides, the pools pad
