@@ -315,3 +315,20 @@ def test_a_bad_dataset_file_is_one_error_line_from_main(datasets, tmp_path, caps
     assert main.main(["-mode", "train", "--data", str(root), "--device", "cpu", "--output", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {xml}:") and "malformed XML" in err and err.count("\n") == 1
+
+
+def test_trainval_on_a_voc_folder_validates_with_the_voc_metric_too(datasets, tmp_path, capsys):
+    """A VOC val set gets the VOC metric beside COCO AP in trainval's validation: in metrics.jsonl, in the
+    printed line and (as a curve) in curves.png; a COCO json does not."""
+    for fmt in ("voc", "coco"):
+        out = tmp_path / fmt
+        assert main.main(["-mode", "trainval", "--data", str(datasets[fmt]), "--batch-size", "2", "--epochs", "1",
+                          "--output", str(out), *COMMON]) == 0
+        evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["type"] == "eval"]
+        printed = capsys.readouterr().out
+        assert evals and (out / "curves.png").is_file()
+        if fmt == "voc":
+            assert all(0 <= r["voc_mAP"] <= 1 and 0 <= r["voc_mAP_07"] <= 1 for r in evals)
+            assert "VOC mAP" in printed
+        else:
+            assert not any("voc_mAP" in r for r in evals) and "VOC mAP" not in printed

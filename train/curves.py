@@ -39,7 +39,7 @@ def _x(records: list[dict]) -> tuple[list[float], str]:
 
 def curves_figure(records: list[dict], title: str) -> Figure:
     """A 2 x 2 figure of `metrics.jsonl` records: axes (in `fig.axes` order) loss terms (log scale), val AP and
-    AP@0.5, learning rate, img/s; x = training images seen."""
+    AP@0.5 (and the VOC mAP of a VOC val set), learning rate, img/s; x = training images seen."""
     train = [r for r in records if r.get("type") == "train"]
     evals = [r for r in records if r.get("type") == "eval"]
     fig = Figure(figsize=(12, 8), layout="constrained")
@@ -61,6 +61,8 @@ def curves_figure(records: list[dict], title: str) -> Figure:
         x, _ = _x(evals)
         ax_ap.plot(x, [r["AP"] for r in evals], "o-", label="AP")
         ax_ap.plot(x, [r["AP50"] for r in evals], "s-", label="AP@0.5")
+        if all("voc_mAP" in r for r in evals):  # a VOC val set
+            ax_ap.plot(x, [r["voc_mAP"] for r in evals], "^-", label="VOC mAP")
         ax_ap.set_ylim(0, 1)
     else:
         ax_ap.text(0.5, 0.5, "no evaluation", ha="center", va="center", transform=ax_ap.transAxes)

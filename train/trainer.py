@@ -34,6 +34,7 @@ from data.coco import CocoDetection, collate_detection
 from data.transforms import TrainTransform
 from eval.coco_eval import evaluate_coco
 from eval.evaluator import Detector, readable_image_ids, run_detection
+from eval.voc_eval import evaluate_voc, reports_voc_metric
 from model import build_model, get_config
 from model.config import BN_MOMENTUM
 from utils.image_size import resolve_image_size
@@ -294,7 +295,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- evaluation and logging
     def evaluate(self) -> dict:
-        """COCO AP of the EMA weights on the val images that could be read (sharded over ranks); keeps best.pth.
+        """COCO AP of the EMA weights on the val images that could be read (sharded over ranks); keeps best.pth
+        (by COCO AP). A VOC val set also gets the VOC metric (`eval.voc_eval`: mAP, all-point and 11-point),
+        logged and printed beside it.
 
         Unreadable images stop the evaluation as soon as they pass --max-bad-images; under DDP the ranks'
         counts are summed, and checked, once their detections are gathered.
@@ -311,10 +314,14 @@ class Trainer:
         results, failures = gather_lists(results, self.dist), gather_lists(failures, self.dist)
         if self.dist.enabled:
             budget.add(failures)
-        stats = None
+        stats, voc = None, {}
         if self.dist.is_main:
-            stats = evaluate_coco(self.val_set.coco, results, readable_image_ids(self.val_set, count, failures))
-        stats = broadcast(stats, self.dist)
+            image_ids = readable_image_ids(self.val_set, count, failures)
+            stats = evaluate_coco(self.val_set.coco, results, image_ids)
+            if reports_voc_metric(self.val_set.coco):
+                metric = evaluate_voc(self.val_set.coco, results, image_ids)
+                voc = {"voc_mAP": metric["mAP"], "voc_mAP_07": metric["mAP_07"]}
+        stats, voc = broadcast((stats, voc), self.dist)
         improved = stats["AP"] > self.best_ap
         self.best_ap = max(self.best_ap, stats["AP"])
         if self.dist.is_main:
@@ -324,9 +331,10 @@ class Trainer:
                 atomic_torch_save(checkpoint, self.output / "best.pth")
             if self.args.keep:
                 keep_best(self.output, checkpoint, self.epoch + 1, stats["AP"], self.args.keep)
-        self._log({"type": "eval", "epoch": self.epoch + 1, "step": self.step, **stats, "best_AP": self.best_ap})
+        self._log({"type": "eval", "epoch": self.epoch + 1, "step": self.step, **stats, "best_AP": self.best_ap, **voc})
+        voc_note = f"  VOC mAP {voc['voc_mAP']:.4f} (11-point {voc['voc_mAP_07']:.4f})" if voc else ""
         self._say(f"epoch {self.epoch + 1}: AP {stats['AP']:.4f}  AP50 {stats['AP50']:.4f}  AP75 {stats['AP75']:.4f}"
-                  f"  (best {self.best_ap:.4f}, {run['img_per_s']:.1f} img/s)" + self._early_note())
+                  f"{voc_note}  (best {self.best_ap:.4f}, {run['img_per_s']:.1f} img/s)" + self._early_note())
         if self.dist.is_main:
             draw_curves(self.output)
         return {"AP": stats["AP"], "AP50": stats["AP50"]}
