@@ -80,6 +80,7 @@ class FrozenConv(nn.Module):
         self.register_buffer("weight", weight.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.float())
         self.stride, self.groups, self.act = stride, groups, act
+        self._stride1_padding = [same_padding(self.kernel_size, 1)[0]] * 2
         # (padding H, W) | GEMM rows -> (weight, packed)
         self._packed: dict[tuple[int, int] | int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pointwise = weight.shape[-2:] == (1, 1) and stride == 1 and groups == 1
@@ -99,7 +100,10 @@ class FrozenConv(nn.Module):
         return cls(w, b if has_bias else None, conv.stride[0], conv.groups, act, pad)
 
     def padding(self, height: int, width: int) -> list[int]:
-        """The symmetric padding `[H, W]` of the (extended) kernel that reads TF's 'SAME' windows of this input."""
+        """The symmetric padding `[H, W]` of the (extended) kernel that reads TF's 'SAME' windows of this input
+        (stride 1: the same for every size, computed once; this runs on every call)."""
+        if self.stride == 1:
+            return self._stride1_padding
         return [same_padding(self.kernel_size, self.stride, n)[0] + self.extension for n in (height, width)]
 
     def _packed_weight(self, key: tuple[int, int] | int, pack) -> torch.Tensor:
