@@ -63,15 +63,13 @@ class MaxPool2dSame(nn.Module):
     The official `_pool2d` uses kernel stride + 1. TF pads `same_padding(k, s, side)` per side; PyTorch's
     implicit padding (ignored like -inf) covers the part before, and `ceil_mode` lets the last window hang
     over the bottom/right edge exactly where TF pads the rest, so no padded copy is made.
-    `padding` is the padding before for sides divisible by the stride. `[N, C, H, W] -> [N, C, ceil(H / s),
-    ceil(W / s)]` (a 1x1 map stays itself).
+    `[N, C, H, W] -> [N, C, ceil(H / s), ceil(W / s)]` (a 1x1 map stays itself).
     """
 
     def __init__(self, stride: int):
         super().__init__()
         self.kernel_size = stride + 1
         self.stride = stride
-        self.padding = same_padding(self.kernel_size, stride)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # int(): a constant padding under torch.jit.trace too (OpenVINO's TorchScript frontend needs one)
