@@ -40,10 +40,13 @@ def cpu_flags() -> dict[str, bool]:
 
 
 def describe() -> str:
-    """One line for benchmark tables: `AMD EPYC (2 CPUs): AMX no, AVX512-BF16 yes, AVX512-FP16 no`."""
+    """One line for benchmark tables: `AMD EPYC (2 CPUs): AMX no, AVX512-BF16 yes, AVX512-FP16 no`, and
+    `, oneDNN capped at AVX512_CORE_VNNI` when `ONEDNN_MAX_CPU_ISA` makes oneDNN run as a lesser CPU would (the
+    flags are the hardware's; the kernels are the cap's: a table measured under it must say so)."""
     f = {k: "yes" if v else "no" for k, v in cpu_flags().items()}
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
     return (f"{cpu_name()} ({os.cpu_count()} CPUs): AMX {f['amx_bf16']}, AVX512-BF16 {f['avx512_bf16']}, "
-            f"AVX512-FP16 {f['avx512_fp16']}")
+            f"AVX512-FP16 {f['avx512_fp16']}" + (f", oneDNN capped at {cap.upper()}" if cap else ""))
 
 
 def unsupported_precision(precision: str, device: torch.device | str = "cpu") -> str | None:

@@ -12,7 +12,7 @@ import torch
 import main
 from eval.evaluator import Detector
 from model import build_model
-from model.cpu import unsupported_precision
+from model.cpu import describe, unsupported_precision
 from model.inference import PRECISIONS, FusedEfficientDet, _CompileOrEager
 from model_helpers import tiny_shapes_run
 from precision_helpers import UNIT_ROUNDOFF
@@ -101,6 +101,20 @@ def test_precision_this_cpu_cannot_run_is_one_line(tiny, tmp_path, capsys, monke
     assert _run("infer", tiny, tmp_path / "out", "--precision", "fp16") == 2
     assert capsys.readouterr().err == f"error: {reason}\n"
     assert not (tmp_path / "out" / "detections.json").exists()
+
+
+@pytest.mark.parametrize("cap", [None, "avx512_core_vnni"])
+def test_cpu_line_names_a_onednn_cap(monkeypatch, cap):
+    """Benchmark tables name the CPU with `describe()`: under `ONEDNN_MAX_CPU_ISA` (oneDNN run as a lesser CPU
+    would) the line must say so, since the hardware flags it prints no longer tell which kernels ran."""
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    line = describe()
+    assert "AVX512-BF16 " in line and "\n" not in line
+    assert line.endswith(", oneDNN capped at AVX512_CORE_VNNI") == (cap is not None)
+    assert ("capped" in line) == (cap is not None)
 
 
 # ---------------------------------------------------------------- --compile
