@@ -20,9 +20,9 @@ Every config is an export of the weights as `-mode export` makes it (dynamic bat
 
 AP: `eval.evaluator.evaluate` (the loop of `-mode eval`: official soft-NMS path unless `--nms hard`) over the
 whole val split. Speed: the exported network alone as `Detector` calls it (no pre/post-processing), batch 1 and 8,
-`--threads` intra-op threads, the configs timed round-robin (one call each per round, so that a neighbour's
-load falls on all alike), median of `--runs` rounds after a warm-up; "x best non-INT8" divides by the fastest
-fp32/bf16 config of the same engine in this run.
+`--threads` intra-op threads, one batch size at a time, the configs timed round-robin (one call each per round,
+so that a neighbour's load falls on all alike), median of `--runs` rounds after a warm-up; "x best non-INT8"
+divides by the fastest fp32/bf16 config of the same engine in this run.
 
 Its tables live in docs/deploy.md (INT8).
 """
@@ -145,9 +145,11 @@ def main() -> None:
         inputs = {b: torch.from_numpy(np.random.default_rng(b).standard_normal((b, 3, *size), np.float32))
                   for b in BATCHES}
         times = {(name, b): [] for name in configs for b in BATCHES}
-        for round_ in range(args.runs + 1):  # round 0: warm-up
-            for name in configs:
-                for b in BATCHES:
+        # One batch size at a time: a dynamic-batch OpenVINO network called with alternating batch sizes pays
+        # for the change on every call (Lite0 256 px, fp32 at batch 1: 78 img/s alternating, 127 steady).
+        for b in BATCHES:
+            for round_ in range(args.runs + 1):  # round 0: warm-up
+                for name in configs:
                     start = time.perf_counter()
                     networks[name](inputs[b])
                     if round_:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from model import EfficientDet
-from model.cpu import unsupported_precision
+from model.cpu import unsupported_precision, warn_if_emulated_bf16
 
 from .export import FORMATS, export_model, require
 from .quantize import DEFAULT_CALIBRATION_COUNT, Int8Options
@@ -102,6 +102,7 @@ class OpenVinoNetwork(ExportedNetwork):
         reason = unsupported_precision(precision) if precision != "int8" else None  # int8: any x86-64 CPU
         if reason:
             raise ValueError(reason)
+        warn_if_emulated_bf16(precision)
         self.check_precision(precision, "openvino")
         require(("openvino",), "--backend openvino")
         import openvino as ov

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,6 +48,29 @@ def describe() -> str:
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
     return (f"{cpu_name()} ({os.cpu_count()} CPUs): AMX {f['amx_bf16']}, AVX512-BF16 {f['avx512_bf16']}, "
             f"AVX512-FP16 {f['avx512_fp16']}" + (f", oneDNN capped at {cap.upper()}" if cap else ""))
+
+
+# ONEDNN_MAX_CPU_ISA values below AVX512_CORE_BF16: oneDNN capped at one of them has no bf16 arithmetic
+_CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def native_bf16() -> bool:
+    """Whether oneDNN computes bf16 in hardware here: AVX512-BF16 or AMX, not capped below them by
+    `ONEDNN_MAX_CPU_ISA`. Without them (plain AVX512, e.g. Xeons before Cooper Lake) it emulates bf16."""
+    flags = cpu_flags()
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    return (flags["avx512_bf16"] or flags["amx_bf16"]) and cap not in _CAPS_WITHOUT_BF16
+
+
+def warn_if_emulated_bf16(precision: str, device: torch.device | str = "cpu") -> None:
+    """A one-line warning when inference in `precision` bf16 runs on a CPU without bf16 hardware: slower than fp32,
+    for bf16's rounding (D0 and Lite0 at 0.62-0.78x of fp32's speed with oneDNN capped at AVX512_CORE_VNNI on an
+    AMD EPYC, docs/cpu_kinds.md). Not for training: bf16 autocast still paid there (1.17x fp32, memory-bound)."""
+    if precision != "bf16" or torch.device(device).type != "cpu" or native_bf16():
+        return
+    warnings.warn(f"precision bf16: this CPU ({cpu_name()}) has no bf16 hardware (AVX512-BF16 or AMX), so PyTorch's "
+                  f"oneDNN emulates it, slower than fp32, and OpenVINO runs it as f32: fp32 is faster here",
+                  stacklevel=3)
 
 
 def unsupported_precision(precision: str, device: torch.device | str = "cpu") -> str | None:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cpu import unsupported_precision
+from .cpu import unsupported_precision, warn_if_emulated_bf16
 
 from .bifpn import FUSION_EPS, BiFPN, FNode, ResampleFeatureMap
 from .efficientdet import EfficientDet, validate_image_size
@@ -331,6 +331,7 @@ def prepare_for_inference(model: EfficientDet, precision: str = "fp32", fuse: bo
     reason = unsupported_precision(precision, device)
     if reason:
         raise ValueError(reason)
+    warn_if_emulated_bf16(precision, device)
     if fuse:
         module = FusedEfficientDet(model, dtype).to(device)
     else:

@@ -5,6 +5,7 @@ the exporter (the real `--dynamic-batch --with-nms` export of D0 is checked in t
 `--compile` is checked without compiling (inductor takes minutes on a 2-core CPU): `torch.compile` is replaced
 by a recorder that returns the module, so the test sees what would be compiled and that it runs."""
 import json
+import warnings
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ import torch
 import main
 from eval.evaluator import Detector
 from model import build_model
-from model.cpu import describe, unsupported_precision
-from model.inference import PRECISIONS, FusedEfficientDet, _CompileOrEager
+from model.cpu import FLAGS, cpu_name, describe, unsupported_precision
+from model.inference import PRECISIONS, FusedEfficientDet, _CompileOrEager, prepare_for_inference
 from model_helpers import tiny_shapes_run
 from precision_helpers import UNIT_ROUNDOFF
 
@@ -115,6 +116,35 @@ def test_cpu_line_names_a_onednn_cap(monkeypatch, cap):
     assert "AVX512-BF16 " in line and "\n" not in line
     assert line.endswith(", oneDNN capped at AVX512_CORE_VNNI") == (cap is not None)
     assert ("capped" in line) == (cap is not None)
+
+
+@pytest.mark.parametrize("cap, flags, warned", [
+    ("AVX512_CORE_VNNI", None, True),  # oneDNN run as a CPU without bf16 hardware would
+    (None, {"avx512f": True}, True),  # plain AVX512 (Xeons before Cooper Lake)
+    (None, {"avx512f": True, "amx_bf16": True}, False),
+    (None, {"avx512f": True, "avx512_bf16": True}, False),
+])
+def test_bf16_without_bf16_hardware_is_a_one_line_warning(monkeypatch, cap, flags, warned):
+    """bf16 where oneDNN has to emulate it runs slower than fp32 (0.62-0.78x measured, docs/cpu_kinds.md): the
+    inference path (and the OpenVINO backend, through the same check) warns in one line naming the CPU; fp32
+    never warns."""
+    if unsupported_precision("bf16"):
+        pytest.skip(unsupported_precision("bf16"))
+    if cap:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    else:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        monkeypatch.setattr("model.cpu.cpu_flags", lambda: {f: flags.get(f, False) for f in FLAGS})
+    model = build_model("efficientdet-d0", num_classes=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prepare_for_inference(model, "fp32")
+        prepare_for_inference(model, "bf16")
+    messages = [str(w.message) for w in caught if "bf16 hardware" in str(w.message)]
+    assert len(messages) == (1 if warned else 0)
+    if warned:
+        assert messages[0].startswith(f"precision bf16: this CPU ({cpu_name()}) has no bf16 hardware")
+        assert "\n" not in messages[0] and caught[-1].filename == __file__  # points at the caller
 
 
 # ---------------------------------------------------------------- --compile
