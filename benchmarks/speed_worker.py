@@ -14,6 +14,7 @@ The tables of `benchmarks/speed.py` live in docs/speed.md.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import subprocess
@@ -138,6 +139,7 @@ def _build(spec: dict, tmp: str):
                     return bench(images)
             return step, images, None
         from model.postprocess import postprocess
+        from utils.threads import torch_threads
         if spec["engine"] == "torch":
             from model.inference import prepare_for_inference
             # a deployment keeps only the prepared module; the delta check rebuilds the original
@@ -148,8 +150,11 @@ def _build(spec: dict, tmp: str):
         anchors = AnchorGenerator.from_config(get_config(name))((size, size))
         scales = torch.ones(spec["batch"])
 
+        # an engine's rows: torch's part on one thread, as `eval.evaluator.Detector` runs it (utils/threads.py)
+        threads = (lambda: torch_threads(1)) if spec["engine"] != "torch" else contextlib.nullcontext
+
         def step():  # -> head outputs, after running the `-mode infer` post-processing on them
-            with torch.inference_mode():
+            with torch.inference_mode(), threads():
                 outputs = network(images)
                 postprocess(*outputs, anchors, scales, (size, size), mode="infer", method="hard")
             return outputs

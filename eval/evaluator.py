@@ -4,6 +4,7 @@ Shared by `-mode eval` and the per-epoch validation of `-mode trainval` (which s
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -19,6 +20,7 @@ from model import AnchorGenerator, EfficientDet
 from model.config import parse_image_size
 from model.inference import check_finite, prepare_for_inference
 from model.postprocess import Detections, postprocess
+from utils.threads import torch_threads
 
 
 class Detector(nn.Module):
@@ -44,11 +46,12 @@ class Detector(nn.Module):
         super().__init__()
         self.image_size = parse_image_size(image_size)
         self.model = network if network is not None else prepare_for_inference(model, precision, compile=compile)
+        self.engine = not isinstance(self.model, nn.Module)  # an engine's export, on the engine's own threads
         self.mode, self.nms, self.precision = mode, nms, precision
         self.anchors = AnchorGenerator.from_config(model.config)
         self.tta = TestTimeAugmentation.from_name(tta, self.image_size, model.config.size_divisor,
                                                   model.config.mean_rgb, model.config.stddev_rgb) if tta else None
-        if self.tta and self.tta.needs_originals and not isinstance(self.model, nn.Module):  # an engine's export
+        if self.tta and self.tta.needs_originals and self.engine:
             raise ValueError(f"--tta {tta}: an exported network runs {self.image_size[0]}x{self.image_size[1]} "
                              f"(HxW) inputs only; use --tta flip, or --backend torch")
 
@@ -61,12 +64,14 @@ class Detector(nn.Module):
         return self._detect(images, scales)
 
     def _detect(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
-        """One pass at the images' own size (TTA runs other sizes through it)."""
-        cls_outs, box_outs = self.model(images)
-        check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
-        size = tuple(images.shape[-2:])
-        anchors = self.anchors(size, images.device)
-        return postprocess(cls_outs, box_outs, anchors, scales, size, self.mode, self.nms)
+        """One pass at the images' own size (TTA runs other sizes through it). Beside an engine, torch's part
+        runs on one thread, so that no idle torch thread spins against the engine's next call (`utils.threads`)."""
+        with torch_threads(1) if self.engine else contextlib.nullcontext():
+            cls_outs, box_outs = self.model(images)
+            check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
+            size = tuple(images.shape[-2:])
+            anchors = self.anchors(size, images.device)
+            return postprocess(cls_outs, box_outs, anchors, scales, size, self.mode, self.nms)
 
 
 def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int,
