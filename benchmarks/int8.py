@@ -21,8 +21,9 @@ Every config is an export of the weights as `-mode export` makes it (dynamic bat
 AP: `eval.evaluator.evaluate` (the loop of `-mode eval`: official soft-NMS path unless `--nms hard`) over the
 whole val split. Speed: the exported network alone as `Detector` calls it (no pre/post-processing), batch 1 and 8,
 `--threads` intra-op threads, one batch size at a time, the configs timed round-robin (one call each per round,
-so that a neighbour's load falls on all alike), median of `--runs` rounds after a warm-up; "x best non-INT8"
-divides by the fastest fp32/bf16 config of the same engine in this run.
+so that a neighbour's load falls on all alike, each after a 0.1 s pause that lets the previous engine's threads
+go idle), median of `--runs` rounds after a warm-up; "x best non-INT8" divides by the fastest fp32/bf16 config
+of the same engine in this run.
 
 Its tables live in docs/deploy.md (INT8).
 """
@@ -64,6 +65,9 @@ CONFIGS = {
     "ort-int8": ("onnxruntime", "int8", {}),
     "ort-int8-qdq-minmax": ("onnxruntime", "int8", None),
 }
+
+
+PAUSE_S = 0.1  # before each timed call (see the timing loop)
 
 
 def quantize_static_export(fp32_folder: Path, folder: Path, batches) -> None:
@@ -146,10 +150,13 @@ def main() -> None:
                   for b in BATCHES}
         times = {(name, b): [] for name in configs for b in BATCHES}
         # One batch size at a time: a dynamic-batch OpenVINO network called with alternating batch sizes pays
-        # for the change on every call (Lite0 256 px, fp32 at batch 1: 78 img/s alternating, 127 steady).
+        # for the change on every call (Lite0 256 px, fp32 at batch 1: 88 img/s alternating, 139-146 steady).
+        # A pause before each call: an engine's idle threads spin for a while after its call and would slow
+        # the next config's (OpenVINO fp32 right after ONNX Runtime: 91 img/s; after a 0.1 s pause: 129).
         for b in BATCHES:
             for round_ in range(args.runs + 1):  # round 0: warm-up
                 for name in configs:
+                    time.sleep(PAUSE_S)
                     start = time.perf_counter()
                     networks[name](inputs[b])
                     if round_:
