@@ -45,9 +45,15 @@ def describe() -> str:
     `, oneDNN capped at AVX512_CORE_VNNI` when `ONEDNN_MAX_CPU_ISA` makes oneDNN run as a lesser CPU would (the
     flags are the hardware's; the kernels are the cap's: a table measured under it must say so)."""
     f = {k: "yes" if v else "no" for k, v in cpu_flags().items()}
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip()
+    cap = onednn_cap()
     return (f"{cpu_name()} ({os.cpu_count()} CPUs): AMX {f['amx_bf16']}, AVX512-BF16 {f['avx512_bf16']}, "
-            f"AVX512-FP16 {f['avx512_fp16']}" + (f", oneDNN capped at {cap.upper()}" if cap else ""))
+            f"AVX512-FP16 {f['avx512_fp16']}" + (f", oneDNN capped at {cap}" if cap else ""))
+
+
+def onednn_cap() -> str:
+    """`ONEDNN_MAX_CPU_ISA` (upper case; "" when unset): oneDNN reads it once per process and then uses no
+    instructions beyond that ISA, as a lesser CPU would (e.g. AVX512_CORE_VNNI: no bf16; AVX2: no AVX512)."""
+    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
 
 
 # ONEDNN_MAX_CPU_ISA values below AVX512_CORE_BF16: oneDNN capped at one of them has no bf16 arithmetic
@@ -58,8 +64,7 @@ def native_bf16() -> bool:
     """Whether oneDNN computes bf16 in hardware here: AVX512-BF16 or AMX, not capped below them by
     `ONEDNN_MAX_CPU_ISA`. Without them (plain AVX512, e.g. Xeons before Cooper Lake) it emulates bf16."""
     flags = cpu_flags()
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
-    return (flags["avx512_bf16"] or flags["amx_bf16"]) and cap not in _CAPS_WITHOUT_BF16
+    return (flags["avx512_bf16"] or flags["amx_bf16"]) and onednn_cap() not in _CAPS_WITHOUT_BF16
 
 
 def warn_if_emulated_bf16(precision: str, device: torch.device | str = "cpu") -> None:
