@@ -14,7 +14,6 @@ The tables of `benchmarks/speed.py` live in docs/speed.md.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import resource
 import subprocess
@@ -151,10 +150,10 @@ def _build(spec: dict, tmp: str):
         scales = torch.ones(spec["batch"])
 
         # an engine's rows: torch's part on one thread, as `eval.evaluator.Detector` runs it (utils/threads.py)
-        threads = (lambda: torch_threads(1)) if spec["engine"] != "torch" else contextlib.nullcontext
+        threads = 1 if spec["engine"] != "torch" else None
 
         def step():  # -> head outputs, after running the `-mode infer` post-processing on them
-            with torch.inference_mode(), threads():
+            with torch.inference_mode(), torch_threads(threads):
                 outputs = network(images)
                 postprocess(*outputs, anchors, scales, (size, size), mode="infer", method="hard")
             return outputs

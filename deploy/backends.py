@@ -102,9 +102,9 @@ class OpenVinoNetwork(ExportedNetwork):
         reason = unsupported_precision(precision) if precision != "int8" else None  # int8: any x86-64 CPU
         if reason:
             raise ValueError(reason)
-        warn_if_emulated_bf16(precision)
         self.check_precision(precision, "openvino")
         require(("openvino",), "--backend openvino")
+        warn_if_emulated_bf16(precision)
         import openvino as ov
         config = {"INFERENCE_PRECISION_HINT": OV_PRECISION[precision]}
         if threads:

@@ -4,7 +4,6 @@ Shared by `-mode eval` and the per-epoch validation of `-mode trainval` (which s
 """
 from __future__ import annotations
 
-import contextlib
 import time
 
 import torch
@@ -59,19 +58,20 @@ class Detector(nn.Module):
     def forward(self, images: torch.Tensor, scales: torch.Tensor, originals: list | None = None) -> Detections:
         """images `[N, 3, S_h, S_w]` and scales `[N]` from the eval preprocessing at `image_size`; originals:
         the N decoded images, only needed (and used) by a TTA with scales."""
-        if self.tta:
-            return self.tta(self._detect, images, scales, originals)
-        return self._detect(images, scales)
+        # Beside an engine, torch's part runs on one thread, so that no idle torch thread spins against the
+        # engine's next call (`utils.threads`).
+        with torch_threads(1 if self.engine else None):
+            if self.tta:
+                return self.tta(self._detect, images, scales, originals)
+            return self._detect(images, scales)
 
     def _detect(self, images: torch.Tensor, scales: torch.Tensor) -> Detections:
-        """One pass at the images' own size (TTA runs other sizes through it). Beside an engine, torch's part
-        runs on one thread, so that no idle torch thread spins against the engine's next call (`utils.threads`)."""
-        with torch_threads(1) if self.engine else contextlib.nullcontext():
-            cls_outs, box_outs = self.model(images)
-            check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
-            size = tuple(images.shape[-2:])
-            anchors = self.anchors(size, images.device)
-            return postprocess(cls_outs, box_outs, anchors, scales, size, self.mode, self.nms)
+        """One pass at the images' own size (TTA runs other sizes through it)."""
+        cls_outs, box_outs = self.model(images)
+        check_finite(cls_outs, box_outs, self.precision)  # an overflow must not pass for "no objects"
+        size = tuple(images.shape[-2:])
+        anchors = self.anchors(size, images.device)
+        return postprocess(cls_outs, box_outs, anchors, scales, size, self.mode, self.nms)
 
 
 def run_detection(detector: Detector, dataset: CocoDetection, batch_size: int, workers: int,

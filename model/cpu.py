@@ -51,9 +51,11 @@ def describe() -> str:
 
 
 def onednn_cap() -> str:
-    """`ONEDNN_MAX_CPU_ISA` (upper case; "" when unset): oneDNN reads it once per process and then uses no
-    instructions beyond that ISA, as a lesser CPU would (e.g. AVX512_CORE_VNNI: no bf16; AVX2: no AVX512)."""
-    return os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    """`ONEDNN_MAX_CPU_ISA` (or its older name `DNNL_MAX_CPU_ISA`), upper case; "" when unset or ALL: oneDNN
+    reads it once per process and then uses no instructions beyond that ISA, as a lesser CPU would (e.g.
+    AVX512_CORE_VNNI: no bf16; AVX2: no AVX512)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return "" if cap in ("ALL", "DEFAULT") else cap
 
 
 # ONEDNN_MAX_CPU_ISA values below AVX512_CORE_BF16: oneDNN capped at one of them has no bf16 arithmetic
@@ -62,7 +64,10 @@ _CAPS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX51
 
 def native_bf16() -> bool:
     """Whether oneDNN computes bf16 in hardware here: AVX512-BF16 or AMX, not capped below them by
-    `ONEDNN_MAX_CPU_ISA`. Without them (plain AVX512, e.g. Xeons before Cooper Lake) it emulates bf16."""
+    `ONEDNN_MAX_CPU_ISA`. Without them (plain AVX512, e.g. Xeons before Cooper Lake) it emulates bf16. True
+    where this cannot be told (no x86 flags in /proc/cpuinfo: other OSes and architectures)."""
+    if "flags" not in _cpuinfo() or platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
     flags = cpu_flags()
     return (flags["avx512_bf16"] or flags["amx_bf16"]) and onednn_cap() not in _CAPS_WITHOUT_BF16
 
@@ -73,9 +78,10 @@ def warn_if_emulated_bf16(precision: str, device: torch.device | str = "cpu") ->
     AMD EPYC, docs/cpu_kinds.md). Not for training: bf16 autocast still paid there (1.17x fp32, memory-bound)."""
     if precision != "bf16" or torch.device(device).type != "cpu" or native_bf16():
         return
-    warnings.warn(f"precision bf16: this CPU ({cpu_name()}) has no bf16 hardware (AVX512-BF16 or AMX), so PyTorch's "
-                  f"oneDNN emulates it, slower than fp32, and OpenVINO runs it as f32: fp32 is faster here",
-                  stacklevel=3)
+    where = (f"oneDNN is capped at {onednn_cap()} (ONEDNN_MAX_CPU_ISA)" if onednn_cap() in _CAPS_WITHOUT_BF16
+             else f"this CPU ({cpu_name()}) has no bf16 hardware (AVX512-BF16 or AMX)")
+    warnings.warn(f"precision bf16: {where}, so PyTorch emulates bf16, slower than fp32, and OpenVINO runs it as "
+                  f"f32: use fp32", stacklevel=3)
 
 
 def unsupported_precision(precision: str, device: torch.device | str = "cpu") -> str | None:

@@ -17,10 +17,11 @@ import torch
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """Run the block with `count` torch intra-op threads, then restore the previous count (~35 us per change)."""
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with `count` torch intra-op threads (None: as they are), then restore the previous count
+    (~35 us per change). The count is the process's: another thread running torch meanwhile sees it too."""
     previous = torch.get_num_threads()
-    if previous == count:
+    if count is None or previous == count:
         yield
         return
     torch.set_num_threads(count)
