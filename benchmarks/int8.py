@@ -42,6 +42,7 @@ sys.path.insert(0, str(REPO))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.speed_worker import SETTLE_S  # noqa: E402
 from benchmarks.tta import trained_model_and_val  # noqa: E402
 from deploy.backends import open_backend  # noqa: E402
 from deploy.export import export_model  # noqa: E402
@@ -65,9 +66,6 @@ CONFIGS = {
     "ort-int8": ("onnxruntime", "int8", {}),
     "ort-int8-qdq-minmax": ("onnxruntime", "int8", None),
 }
-
-
-PAUSE_S = 0.1  # before each timed call (see the timing loop)
 
 
 def quantize_static_export(fp32_folder: Path, folder: Path, batches) -> None:
@@ -156,7 +154,7 @@ def main() -> None:
         for b in BATCHES:
             for round_ in range(args.runs + 1):  # round 0: warm-up
                 for name in configs:
-                    time.sleep(PAUSE_S)
+                    time.sleep(SETTLE_S)
                     start = time.perf_counter()
                     networks[name](inputs[b])
                     if round_:

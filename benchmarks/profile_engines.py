@@ -215,7 +215,7 @@ def main() -> None:
     reuse_freed_memory()  # ours as `-mode infer` runs it (freed memory kept for reuse; the engines pool their own)
     import torch
 
-    from benchmarks.speed_worker import _name_size, _new_model, export_plain
+    from benchmarks.speed_worker import SETTLE_S, _name_size, _new_model, export_plain
     from deploy.backends import OnnxRuntimeNetwork, OpenVinoNetwork
     from deploy.sidecar import read_sidecar
     from model.inference import prepare_for_inference
@@ -240,7 +240,7 @@ def main() -> None:
                     net(images)
             for _ in range(args.runs):
                 for label, net in engines.items():
-                    time.sleep(0.1)  # ONNX Runtime's idle threads spin for a while after a call
+                    time.sleep(SETTLE_S)  # ONNX Runtime's idle threads spin for a while after a call
                     t = time.perf_counter()
                     net(images)
                     seconds[label].append(time.perf_counter() - t)

@@ -88,7 +88,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.roofline import (ELEMENT_SIZE, TRAIN_BYTES_PER_FORWARD, bytes_per_image, rate,  # noqa: E402
                                  roofline_cells, triad_bytes)
-from benchmarks.speed_worker import GEMM_SIDE, TRIAD_ELEMENTS  # noqa: E402
+from benchmarks.speed_worker import GEMM_SIDE, SETTLE_S, TRIAD_ELEMENTS  # noqa: E402
 from model.config import VARIANTS  # noqa: E402
 from utils.cli import number  # noqa: E402
 from model.cpu import describe, unsupported_precision  # noqa: E402
@@ -97,10 +97,6 @@ WORKER = Path(__file__).resolve().parent / "speed_worker.py"
 ENGINES = ("torch", "onnxruntime", "openvino")
 KERNEL_RUNS = 7  # timed steps of the GEMM peaks and of the memory bandwidth
 TRAIN_FLOPS_PER_FORWARD = 3  # forward + backward (gradients of the input and of the weights)
-# Pause before each timed step: ONNX Runtime's pool threads spin for a while after a run (~15 ms of CPU
-# within 0.1 s of returning, D0 256 px, 2 threads; none after 0.1 s; torch and OpenVINO ~0), which would
-# be taken from the other side's step.
-SETTLE_S = 0.1
 
 
 class Worker:

@@ -25,6 +25,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+# Pause before each timed step: ONNX Runtime's pool threads spin for a while after a run (~15 ms of CPU
+# within 0.1 s of returning, D0 256 px, 2 threads; none after 0.1 s; torch and OpenVINO ~0), which would
+# be taken from the next timed call (another side's, another config's).
+SETTLE_S = 0.1
 GEMM_SIDE = 2048  # square torch.mm operands of the GEMM peak
 # Elements of each float32 array of the triad: 256 MiB, 8x the 32 MiB L3 of the AMD EPYC of docs/speed.md, so that
 # each pass streams from memory (STREAM asks for 4x the last-level cache).
